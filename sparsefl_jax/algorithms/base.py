@@ -1,0 +1,157 @@
+"""The contract every federated algorithm implements: a frozen dataclass of small hooks.
+
+The engine (`sparsefl_jax.federated.round`) calls the hooks in this order each round:
+
+  server: broadcast(params, algo_state, t)                  -> what every sampled client receives
+  client: client_init(global, algo_state, t, key)           -> client_state (masks, thresholds, ...)
+          for each local step (inside lax.scan):
+            forward(...) + local_loss(...)                   -> loss; grads
+            transform_grads(grads, params, client_state)     -> e.g. masked gradients
+            <client optax update>
+            post_step(params, opt_state, client_state)       -> e.g. projection onto a mask
+          client_upload(global, local, client_state, t)      -> Upload (what goes on the wire)
+          client_metrics(global, upload, client_state)       -> per-client scalars (weighted mean)
+  server: aggregate(global, uploads, weights, algo_state, t) -> candidate model
+          <server optax update towards the candidate>
+          server_post(params, algo_state, t)                 -> e.g. pruning, new global masks
+
+Every default reproduces FedAvg, so a method overrides only the hooks it changes (the way a
+jaxpruner algorithm overrides one scoring hook). `t` is the unbatched 1-based round number:
+schedules evaluated on it stay shared across clients, so `lax.cond` on it never computes both
+branches under vmap. Per-client hooks run under the client map (vmap or lax.map): write them
+for ONE client; the engine adds the client axis.
+"""
+import dataclasses
+from typing import Any, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sparsefl_jax.federated.aggregation import weighted_mean
+from sparsefl_jax.types import AlgoState, ClientState, Params, PRNGKey, PyTree, Scalar
+
+
+class Upload(NamedTuple):
+  """What one client sends. `values` has the params' structure; entries it does not send are 0.
+
+  `values` holds weights when the algorithm's `uplink` is 'weights' and weight differences
+  (local − global) when it is 'delta'. `mask` is an optional params-shaped boolean tree sent
+  alongside (1 bit per entry, e.g. FedSparsify-Local's local mask); None when none is sent.
+  """
+  values: Params
+  mask: Optional[PyTree] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """FedAvg; subclasses override hooks. Instances are static (closed over by jit).
+
+  Attributes:
+    uplink: 'weights' (clients send models; the aggregate is their weighted mean) or 'delta'
+      (clients send local − global; the aggregate is global + weighted mean of the deltas).
+    default_server_optimizer: used when the run does not name one ('none' = replace).
+  """
+  uplink: str = "weights"
+  default_server_optimizer: str = "none"
+
+  name = "fedavg"
+
+  def __post_init__(self):
+    if self.uplink not in ("weights", "delta"):
+      raise ValueError(f"uplink={self.uplink!r} must be 'weights' or 'delta'")
+
+  @classmethod
+  def from_config(cls, config) -> "Algorithm":
+    """Builds the algorithm from a run's config; methods with hyperparameters override this."""
+    del config
+    return cls()
+
+  # ---- server side ---------------------------------------------------------------------
+  def init_params(self, params: Params, key: PRNGKey) -> Params:
+    """Transforms freshly initialised parameters (e.g. Powerprop's v = sign(u)|u|^(1/β))."""
+    del key
+    return params
+
+  def init_state(self, params: Params) -> AlgoState:
+    """Per-method server state (global masks, ...). Must be a pytree of arrays."""
+    del params
+    return ()
+
+  def broadcast(self, params: Params, algo_state: AlgoState, t: Scalar) -> Params:
+    """The model every sampled client receives this round."""
+    del algo_state, t
+    return params
+
+  def aggregate(self, global_params: Params, uploads: Upload, weights: jax.Array,
+                algo_state: AlgoState, t: Scalar) -> Params:
+    """Combines the stacked uploads (leading client axis) into a candidate global model."""
+    del algo_state, t
+    mean = weighted_mean(uploads.values, weights)
+    if self.uplink == "delta":
+      return jax.tree.map(jnp.add, global_params, mean)
+    return mean
+
+  def server_post(self, params: Params, algo_state: AlgoState, t: Scalar
+                  ) -> tuple[Params, AlgoState]:
+    """Runs after the server optimizer (e.g. prune the new global model, update masks)."""
+    del t
+    return params, algo_state
+
+  def eval_params(self, params: Params, algo_state: AlgoState) -> Params:
+    """The parameters evaluation uses (e.g. SWAT evaluates with top-K weights)."""
+    del algo_state
+    return params
+
+  # ---- client side (written for ONE client) -------------------------------------------
+  def client_init(self, global_params: Params, algo_state: AlgoState, t: Scalar,
+                  key: PRNGKey) -> ClientState:
+    del global_params, algo_state, t, key
+    return ()
+
+  def forward(self, model, params: Params, model_state: PyTree, x: jax.Array, *, train: bool,
+              example_mask: Optional[jax.Array], rngs: Optional[Dict[str, PRNGKey]],
+              client_state: ClientState) -> tuple[jax.Array, PyTree]:
+    """Logits and the updated model state (BatchNorm statistics) of one batch."""
+    del client_state
+    variables = {"params": params, **model_state}
+    if train and model_state:
+      logits, new_state = model.apply(variables, x, train=True, example_mask=example_mask,
+                                      rngs=rngs, mutable=list(model_state.keys()))
+      return logits, dict(new_state)
+    logits = model.apply(variables, x, train=train, example_mask=example_mask, rngs=rngs)
+    return logits, model_state
+
+  def local_loss(self, params: Params, global_params: Params, client_state: ClientState
+                 ) -> Scalar:
+    """An extra term added to the local objective (FedProx's proximal term)."""
+    del params, global_params, client_state
+    return jnp.zeros((), jnp.float32)
+
+  def transform_grads(self, grads: Params, params: Params, client_state: ClientState
+                      ) -> Params:
+    del params, client_state
+    return grads
+
+  def post_step(self, params: Params, opt_state: PyTree, client_state: ClientState
+                ) -> tuple[Params, PyTree, ClientState]:
+    """Runs after every local optimizer step (e.g. re-apply a mask, update thresholds)."""
+    return params, opt_state, client_state
+
+  def client_upload(self, global_params: Params, local_params: Params,
+                    client_state: ClientState, t: Scalar) -> Upload:
+    del client_state, t
+    if self.uplink == "delta":
+      return Upload(jax.tree.map(jnp.subtract, local_params, global_params))
+    return Upload(local_params)
+
+  def client_metrics(self, global_params: Params, upload: Upload, client_state: ClientState
+                     ) -> Dict[str, Scalar]:
+    """Per-client scalars, averaged over the round's clients weighted by example counts."""
+    del global_params, upload, client_state
+    return {}
+
+  def server_metrics(self, old_params: Params, new_params: Params, algo_state: AlgoState
+                     ) -> Dict[str, Any]:
+    """Per-round scalars (or small arrays) computed on the server after the update."""
+    del old_params, new_params, algo_state
+    return {}

@@ -1,0 +1,165 @@
+"""ExperimentConfig: every setting of a run, validated in one place.
+
+The launch script turns each field into an absl flag (same name, same default, the help text
+below), so the library, the flags and `config.json` never drift apart.
+"""
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+
+def _f(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
+  return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+class ConfigError(ValueError):
+  """A setting is out of range or unknown; the message names the value and what is accepted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  # What to run.
+  algorithm: str = _f("fedavg", "Federated algorithm.")
+  dataset: str = _f("fashion_mnist", "Dataset name (TFDS name, 'digits' or 'synthetic').")
+  data_dir: str = _f("", "TFDS data dir; for fashion_mnist also a folder of the IDX .gz files.")
+  model: str = _f("fmnist_fc", "Model architecture.")
+  conv_impl: str = _f("im2col", "Convolution lowering.", ("im2col", "lax"))
+  # Federation.
+  num_clients: int = _f(10, "Number of clients the data is partitioned into.")
+  clients_per_round: int = _f(10, "Clients sampled per round (without replacement).")
+  rounds: int = _f(10, "Number of federated rounds.")
+  partition: str = _f("iid", "How the training set is split across clients.")
+  alpha: float = _f(1.0, "Dirichlet concentration for partition=lda|dirichlet (inf = IID).")
+  classes_per_client: int = _f(2, "Labels per client for partition=classes.")
+  min_partition_size: int = _f(1, "Minimum client size for partition=dirichlet (resampled).")
+  val_fraction: float = _f(0.0, "Fraction of each client's data held out for validation.")
+  # Local training.
+  local_epochs: int = _f(1, "Local epochs per round.")
+  batch_size: int = _f(32, "Local mini-batch size.")
+  lr: float = _f(0.02, "Client learning rate (the start value for lr_schedule=exponential).")
+  lr_schedule: str = _f("constant", "Client LR over rounds.", ("constant", "exponential"))
+  lr_end: float = _f(0.001, "Final client LR for lr_schedule=exponential (ZeroFL).")
+  momentum: float = _f(0.0, "Client SGD momentum.")
+  weight_decay: float = _f(0.0, "Client weight decay (coupled, as PyTorch SGD).")
+  prox_mu: float = _f(0.01, "FedProx proximal coefficient μ.")
+  # Server.
+  server_optimizer: str = _f("", "Server optimizer on the pseudo-gradient; '' = the "
+                             "algorithm's default ('none' replaces the model: FedAvg).")
+  server_lr: Optional[float] = _f(None, "Server LR (default: 1.0 for sgd, 0.01 for adam/yogi, "
+                                  "0.1 for adagrad).")
+  server_momentum: float = _f(0.0, "Server SGD momentum (FedAvgM).")
+  server_b1: float = _f(0.9, "Server Adam/Yogi β1.")
+  server_b2: float = _f(0.99, "Server Adam/Yogi β2.")
+  server_eps: float = _f(1e-3, "Server adaptivity τ (optax eps).")
+  # Engine.
+  client_map: str = _f("vmap", "How clients are mapped.", ("vmap", "map", "chunked"))
+  client_chunk_size: int = _f(2, "Clients per vmapped chunk for client_map=chunked.")
+  comm_encoding: str = _f("dense", "Byte encoding for uplink/downlink accounting.",
+                          ("dense", "csr", "bitmask"))
+  # Evaluation, output, reproducibility.
+  eval_every: int = _f(1, "Evaluate every N rounds (and always after the last); 0 = last only.")
+  eval_batch_size: int = _f(1000, "Evaluation batch size.")
+  seed: int = _f(0, "Training seed (shuffling, augmentation, dropout).")
+  data_seed: int = _f(0, "Data partition seed.")
+  init_seed: int = _f(0, "Model initialisation seed.")
+  sampling_seed: int = _f(0, "Client sampling seed.")
+  workdir: str = _f("runs/default", "Output folder: config.json, metrics.jsonl, checkpoints.")
+  resume: bool = _f(False, "Continue from the latest checkpoint in workdir.")
+  checkpoint_every: int = _f(10, "Checkpoint every N rounds (and after the last); 0 = last only.")
+  keep_checkpoints: int = _f(3, "Checkpoints kept.")
+  plot_partition: bool = _f(False, "Write the per-client label distribution to workdir as PNG.")
+  progress: bool = _f(True, "Show a progress line per round.")
+  # Synthetic data (dataset=synthetic).
+  synthetic_shape: str = _f("28,28,1", "Example shape of synthetic data, comma-separated.")
+  synthetic_classes: int = _f(10, "Classes of synthetic data.")
+  synthetic_examples: int = _f(64, "Examples per client of synthetic data.")
+  synthetic_test: int = _f(256, "Test examples of synthetic data.")
+
+  def replace(self, **changes) -> "ExperimentConfig":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def synthetic_example_shape(self) -> Tuple[int, ...]:
+    try:
+      shape = tuple(int(s) for s in self.synthetic_shape.split(","))
+    except ValueError:
+      raise ConfigError(f"synthetic_shape={self.synthetic_shape!r} must be comma-separated "
+                        "positive integers, e.g. 28,28,1") from None
+    if not shape or min(shape) < 1:
+      raise ConfigError(f"synthetic_shape={self.synthetic_shape!r} must be comma-separated "
+                        "positive integers, e.g. 28,28,1")
+    return shape
+
+  def resolved_server_optimizer(self, algorithm_default: str) -> str:
+    return self.server_optimizer or algorithm_default
+
+  def resolved_server_lr(self, optimizer: str) -> float:
+    if self.server_lr is not None:
+      return self.server_lr
+    return {"adam": 0.01, "yogi": 0.01, "adagrad": 0.1}.get(optimizer, 1.0)
+
+  def validate(self) -> "ExperimentConfig":
+    """Raises ConfigError naming the first bad value and its accepted range."""
+    for f in dataclasses.fields(self):
+      choices = f.metadata.get("choices")
+      value = getattr(self, f.name)
+      if choices and value not in choices:
+        raise ConfigError(f"{f.name}={value!r} is not one of {list(choices)}")
+    _at_least(self, "num_clients", 1)
+    _at_least(self, "rounds", 1)
+    _at_least(self, "local_epochs", 1)
+    _at_least(self, "batch_size", 1)
+    _at_least(self, "eval_batch_size", 1)
+    _at_least(self, "eval_every", 0)
+    _at_least(self, "checkpoint_every", 0)
+    _at_least(self, "keep_checkpoints", 1)
+    _at_least(self, "classes_per_client", 1)
+    _at_least(self, "min_partition_size", 1)
+    _at_least(self, "client_chunk_size", 1)
+    _at_least(self, "synthetic_classes", 2)
+    _at_least(self, "synthetic_examples", 1)
+    _at_least(self, "synthetic_test", 1)
+    if not 1 <= self.clients_per_round <= self.num_clients:
+      raise ConfigError(f"clients_per_round={self.clients_per_round} must lie in "
+                        f"[1, num_clients={self.num_clients}]")
+    _positive(self, "lr")
+    if self.lr_schedule == "exponential":
+      _positive(self, "lr_end")
+    _in_unit(self, "momentum")
+    _in_unit(self, "server_momentum")
+    _in_unit(self, "server_b1")
+    _in_unit(self, "server_b2")
+    _in_unit(self, "val_fraction")
+    if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+      raise ConfigError(f"weight_decay={self.weight_decay} must be a finite number >= 0")
+    if self.prox_mu < 0 or not math.isfinite(self.prox_mu):
+      raise ConfigError(f"prox_mu={self.prox_mu} must be a finite number >= 0")
+    if not self.alpha > 0:
+      raise ConfigError(f"alpha={self.alpha} must be > 0 (use inf for IID)")
+    _positive(self, "server_eps")
+    if self.server_lr is not None:
+      _positive(self, "server_lr")
+    if not self.workdir:
+      raise ConfigError("workdir='' must name a folder to write config.json, metrics.jsonl "
+                        "and checkpoints to")
+    if self.dataset == "synthetic":
+      _ = self.synthetic_example_shape
+    return self
+
+
+def _at_least(cfg, name: str, low: int) -> None:
+  value = getattr(cfg, name)
+  if value < low:
+    raise ConfigError(f"{name}={value} must be >= {low}")
+
+
+def _positive(cfg, name: str) -> None:
+  value = getattr(cfg, name)
+  if not (value > 0 and math.isfinite(value)):
+    raise ConfigError(f"{name}={value} must be a finite number > 0")
+
+
+def _in_unit(cfg, name: str) -> None:
+  value = getattr(cfg, name)
+  if not 0.0 <= value < 1.0:
+    raise ConfigError(f"{name}={value} must lie in [0, 1)")

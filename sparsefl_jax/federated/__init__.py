@@ -1,0 +1,1 @@
+"""The federated engine: sampling, local training, client maps, aggregation, the round."""

@@ -1,0 +1,77 @@
+"""Client and server optimizers (optax) and the client learning-rate schedules."""
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+CLIENT_LR_SCHEDULES = ("constant", "exponential")
+SERVER_OPTIMIZERS = ("none", "sgd", "adam", "yogi", "adagrad")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientLRSchedule:
+  """Per-round client learning rate, evaluated on the unbatched round number t (1-based).
+
+  'constant': lr. 'exponential' (ZeroFL): lr_t = lr·exp((t/T)·ln(lr_end/lr)), which goes from
+  lr towards lr_end over T rounds (the sign as corrected in algorithms.md §2.3, §8.3).
+  """
+  lr: float
+  kind: str = "constant"
+  lr_end: Optional[float] = None
+  total_rounds: int = 1
+
+  def __post_init__(self):
+    if self.kind not in CLIENT_LR_SCHEDULES:
+      raise ValueError(f"client lr schedule {self.kind!r} is not one of {CLIENT_LR_SCHEDULES}")
+    if not self.lr > 0:
+      raise ValueError(f"lr={self.lr} must be > 0")
+    if self.kind == "exponential" and not (self.lr_end is not None and self.lr_end > 0):
+      raise ValueError(f"lr_end={self.lr_end} must be > 0 for the exponential schedule")
+    if self.total_rounds < 1:
+      raise ValueError(f"total_rounds={self.total_rounds} must be >= 1")
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    if self.kind == "constant":
+      return jnp.asarray(self.lr, jnp.float32)
+    ratio = math.log(self.lr_end / self.lr)
+    return (self.lr * jnp.exp(jnp.asarray(t, jnp.float32) / self.total_rounds * ratio)
+            ).astype(jnp.float32)
+
+
+def client_optimizer(learning_rate: jax.Array, momentum: float = 0.0,
+                     weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD with optional momentum and (PyTorch-style, coupled) weight decay on every parameter."""
+  parts = []
+  if weight_decay:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(optax.sgd(learning_rate, momentum=momentum or None))
+  return optax.chain(*parts)
+
+
+def server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.0,
+                     b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
+                     ) -> Optional[optax.GradientTransformation]:
+  """The server optimizer applied to the pseudo-gradient (global − aggregate).
+
+  'none' returns None: the aggregate replaces the global model exactly (FedAvg). 'sgd' with
+  lr 1 and no momentum equals it up to float rounding; with momentum it is FedAvgM. 'adam',
+  'yogi', 'adagrad' are FedOpt (Reddi et al.), with eps playing the role of τ. optax bias-
+  corrects Adam's moments; Flower instead bias-corrects the step size, which moves τ by a
+  factor sqrt(1 − β2^t) — see BUILD.md.
+  """
+  if name not in SERVER_OPTIMIZERS:
+    raise ValueError(f"server optimizer {name!r} is not one of {SERVER_OPTIMIZERS}")
+  if name == "none":
+    return None
+  if not learning_rate > 0:
+    raise ValueError(f"server_lr={learning_rate} must be > 0")
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if name == "adam":
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  if name == "yogi":
+    return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
+  return optax.adagrad(learning_rate, eps=eps)

@@ -1,0 +1,212 @@
+"""The experiment loop: build data, model and algorithm from a config; run rounds; evaluate,
+log metrics, checkpoint, resume. `experiments/run.py` is a thin absl wrapper around `run`.
+"""
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsefl_jax import algorithms, data, models
+from sparsefl_jax.checkpoint import Checkpointer
+from sparsefl_jax.config import ConfigError, ExperimentConfig
+from sparsefl_jax.data import preprocess
+from sparsefl_jax.federated import client as client_lib
+from sparsefl_jax.federated import evaluation, optimizers
+from sparsefl_jax.federated import round as round_lib
+from sparsefl_jax.federated.state import ClientData, ServerState
+from sparsefl_jax.metrics import MetricsWriter, read_metrics
+
+# Purpose tags folded into each seed, so equal seeds still give independent streams.
+INIT_STREAM, SAMPLING_STREAM, TRAINING_STREAM = 1, 2, 3
+# Settings that may differ between an interrupted run and its resumption.
+RESUME_FREE_FIELDS = ("resume", "progress", "eval_batch_size", "keep_checkpoints",
+                      "checkpoint_every", "plot_partition")
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config; `round_step` is jitted and ready to call."""
+  config: ExperimentConfig
+  dataset: Any
+  model: Any
+  algorithm: algorithms.Algorithm
+  client_data: ClientData
+  round_step: round_lib.RoundStep
+  train_key: jax.Array
+  init_state: ServerState
+  evaluate: Any
+  test_batches: Any
+
+
+def build_dataset(cfg: ExperimentConfig):
+  synthetic = None
+  if cfg.dataset == "synthetic":
+    synthetic = data.SyntheticSpec(example_shape=cfg.synthetic_example_shape,
+                                   num_classes=cfg.synthetic_classes,
+                                   examples_per_client=cfg.synthetic_examples,
+                                   num_test=cfg.synthetic_test)
+  return data.build_federated_dataset(
+      cfg.dataset, num_clients=cfg.num_clients, partition=cfg.partition, alpha=cfg.alpha,
+      classes_per_client=cfg.classes_per_client, data_seed=cfg.data_seed,
+      data_dir=cfg.data_dir or None, val_fraction=cfg.val_fraction,
+      min_partition_size=cfg.min_partition_size, synthetic=synthetic)
+
+
+def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
+  """Validates `cfg` and builds dataset, model, algorithm, initial state and the jitted round."""
+  cfg.validate()
+  algorithm = algorithms.get_algorithm(cfg.algorithm, cfg)
+  if cfg.model not in models.MODELS:
+    raise ConfigError(f"model={cfg.model!r} is not one of {list(models.MODELS)}")
+  ds = dataset if dataset is not None else build_dataset(cfg)
+  model = models.get_model(cfg.model, ds.num_classes, conv_impl=cfg.conv_impl)
+  batch_fn = preprocess.make_batch_fn(ds)
+
+  init_key = jax.random.fold_in(jax.random.PRNGKey(cfg.init_seed), INIT_STREAM)
+  param_key, dropout_key, algo_key = jax.random.split(init_key, 3)
+  dummy = batch_fn(jnp.asarray(ds.train_x[0, :1]), jax.random.PRNGKey(0), False)
+  init_fn = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))  # eager init is slow
+  variables = init_fn({"params": param_key, "dropout": dropout_key}, dummy)
+  variables = dict(variables)
+  params = algorithm.init_params(variables.pop("params"), algo_key)
+  model_state = variables
+
+  server_name = cfg.resolved_server_optimizer(algorithm.default_server_optimizer)
+  server_opt = optimizers.server_optimizer(
+      server_name, cfg.resolved_server_lr(server_name), cfg.server_momentum, cfg.server_b1,
+      cfg.server_b2, cfg.server_eps)
+  sampling_key = jax.random.fold_in(jax.random.PRNGKey(cfg.sampling_seed), SAMPLING_STREAM)
+  state = round_lib.init_server_state(algorithm, params, model_state, server_opt,
+                                      sampling_key)
+  round_cfg = round_lib.RoundConfig(
+      num_clients=ds.num_clients, clients_per_round=cfg.clients_per_round,
+      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, ds.max_examples),
+      lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end, cfg.rounds),
+      momentum=cfg.momentum, weight_decay=cfg.weight_decay, client_map=cfg.client_map,
+      client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding)
+  step = round_lib.jit_round_step(
+      round_lib.build_round_step(algorithm, model, batch_fn, round_cfg, server_opt))
+  evaluate = evaluation.make_eval_fn(algorithm, model, batch_fn)
+  test_batches = evaluation.pad_eval_split(ds.test_x, ds.test_y, cfg.eval_batch_size)
+  client_data = ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts)
+  train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), TRAINING_STREAM)
+  return Experiment(cfg, ds, model, algorithm, client_data, step, train_key, state, evaluate,
+                    test_batches)
+
+
+def _prepare_workdir(cfg: ExperimentConfig) -> None:
+  try:
+    os.makedirs(cfg.workdir, exist_ok=True)
+    probe = os.path.join(cfg.workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir={cfg.workdir!r} is not writable ({e.strerror})") from None
+
+
+def _check_resume_config(cfg: ExperimentConfig, path: str) -> None:
+  with open(path) as f:
+    old = json.load(f)
+  new = dataclasses.asdict(cfg)
+  diff = [k for k in new if k not in RESUME_FREE_FIELDS and old.get(k) != new[k]]
+  if diff:
+    k = diff[0]
+    raise ConfigError(f"--resume with {k}={new[k]!r}, but the run in {cfg.workdir} used "
+                      f"{k}={old.get(k)!r}; resume with the same settings or a new workdir")
+
+
+def _round_row(t: int, metrics: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+  row: Dict[str, Any] = {"round": t}
+  host = jax.device_get(metrics)
+  up = np.asarray(host.pop("uplink_bytes_per_client"), np.int64)
+  down = int(host.pop("downlink_bytes_per_client"))
+  row["clients"] = np.asarray(host.pop("clients")).tolist()
+  row["uplink_bytes"] = int(up.sum())
+  row["downlink_bytes"] = down * len(row["clients"])
+  for k, v in host.items():
+    arr = np.asarray(v)
+    row[k] = arr.item() if arr.ndim == 0 else arr.tolist()
+  row["seconds"] = seconds
+  return row
+
+
+def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
+        ) -> Dict[str, Any]:
+  """Runs (or resumes) the experiment in cfg.workdir; returns the last metrics row.
+
+  `max_rounds` stops this invocation after that many rounds (a checkpoint is written there),
+  for time-sliced jobs; a later call with resume=True continues bit-identically.
+  """
+  cfg.validate()
+  _prepare_workdir(cfg)
+  exp = build_experiment(cfg, dataset)
+  config_path = os.path.join(cfg.workdir, "config.json")
+  metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
+  ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  writer = MetricsWriter(metrics_path)
+  state = exp.init_state
+  if cfg.resume and ckpt.latest_round() is not None:
+    if os.path.exists(config_path):
+      _check_resume_config(cfg, config_path)
+    state, start = ckpt.restore(state)
+    state = jax.tree.map(jnp.asarray, state)
+    writer.truncate_after(start)
+    logging.info("resumed from round %d", start)
+  else:
+    if os.path.exists(metrics_path):
+      os.remove(metrics_path)
+  with open(config_path, "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+  if cfg.plot_partition:
+    from sparsefl_jax import plots  # matplotlib only when asked for
+    plots.plot_label_distribution(exp.dataset.label_counts(),
+                                  os.path.join(cfg.workdir, "label_distribution.png"),
+                                  title=f"{cfg.dataset}: {cfg.partition} partition")
+
+  first = int(state.round) + 1
+  row: Dict[str, Any] = {}
+  cumulative_up = sum(r.get("uplink_bytes", 0) for r in read_metrics(metrics_path))
+  cumulative_down = sum(r.get("downlink_bytes", 0) for r in read_metrics(metrics_path))
+  last = cfg.rounds if max_rounds is None else min(cfg.rounds, first - 1 + max_rounds)
+  for t in range(first, last + 1):
+    start = time.perf_counter()
+    state, metrics = exp.round_step(state, exp.client_data, exp.train_key)
+    jax.block_until_ready(state.params)
+    row = _round_row(t, metrics, time.perf_counter() - start)
+    cumulative_up += row["uplink_bytes"]
+    cumulative_down += row["downlink_bytes"]
+    row["cumulative_uplink_bytes"] = cumulative_up
+    row["cumulative_downlink_bytes"] = cumulative_down
+    if (cfg.eval_every and t % cfg.eval_every == 0) or t == cfg.rounds:
+      ev = exp.evaluate(state.params, state.model_state, state.algo_state, *exp.test_batches)
+      row["test_loss"] = float(ev["loss"])
+      row["test_accuracy"] = float(ev["accuracy"])
+    writer.write(row)
+    if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last:
+      ckpt.save(t, state)
+    if cfg.progress:
+      _progress(t, cfg.rounds, row)
+  ckpt.close()
+  if cfg.progress:
+    sys.stderr.write("\n")
+  return row
+
+
+def _progress(t: int, total: int, row: Dict[str, Any]) -> None:
+  width = 24
+  done = int(width * t / total)
+  acc = row.get("test_accuracy")
+  acc_s = f"{acc:.4f}" if acc is not None else "  -   "
+  mb = (row["cumulative_uplink_bytes"] + row["cumulative_downlink_bytes"]) / 1e6
+  sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] round {t}/{total} "
+                   f"loss {row['train_loss']:.4f} acc {acc_s} sent {mb:.1f} MB "
+                   f"({row['seconds']:.2f} s/round)")
+  sys.stderr.flush()
