@@ -51,6 +51,35 @@ class ExperimentConfig:
   server_b1: float = _f(0.9, "Server Adam/Yogi β1.")
   server_b2: float = _f(0.99, "Server Adam/Yogi β2.")
   server_eps: float = _f(1e-3, "Server adaptivity τ (optax eps).")
+  # Sparsity (SWAT/ZeroFL, FedSparsify, SparsyFed, Top-K; unused by dense methods).
+  sparsity: float = _f(0.0, "Target sparsity: SWAT/ZeroFL sp, FedSparsify s_T, SparsyFed/Top-K.")
+  mask_ratio: float = _f(0.0, "ZeroFL r_mask: clients upload the top (1 - sparsity + mask_ratio).")
+  uplink: str = _f("topk_weights", "ZeroFL uplink strategy.",
+                   ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense"))
+  sparse_layers: str = _f("default", "Which weight layers are sparse: 'default' (the method's "
+                          "paper choice), 'all', or a comma-separated list of layer paths.")
+  sparsity_distribution: str = _f("uniform", "Per-layer sparsity (SWAT).", ("uniform", "erk"))
+  topk_method: str = _f("bisection", "Exact top-K threshold algorithm.",
+                        ("top_k", "bisection", "sort"))
+  topk_period: int = _f(1, "Recompute SWAT top-K thresholds every N local steps (cached "
+                        "in between).")
+  initial_sparsity: float = _f(0.0, "FedSparsify schedule s_0.")
+  prune_start_round: int = _f(1, "FedSparsify schedule t_0 (pruning starts after it).")
+  prune_frequency: int = _f(1, "FedSparsify schedule F (prune every F rounds).")
+  prune_exponent: int = _f(3, "FedSparsify schedule exponent n.")
+  prune_scope: str = _f("global", "FedSparsify threshold over all layers or per layer.",
+                        ("global", "layer"))
+  vote_threshold: int = _f(-1, "FedSparsify-Local: a weight survives if at least this many "
+                           "clients kept it; -1 = floor(K/2).")
+  beta: float = _f(1.25, "SparsyFed Powerprop exponent β (w = sign(v)|v|^β).")
+  spectral_exponent: bool = _f(False, "SparsyFed: per-layer β from the spectral norm.")
+  act_threshold: str = _f("per_batch", "SparsyFed activation-pruning threshold.",
+                          ("per_batch", "first_batch"))
+  mask_every: int = _f(0, "Save the packed global mask every N rounds (0 = never).")
+  sparsity_structure: str = _f("unstructured", "Top-K mask structure.",
+                               ("unstructured", "block"))
+  block_size: int = _f(32, "Block edge for sparsity_structure=block.")
+  matmul_impl: str = _f("xla", "Sparse layer matmul.", ("xla", "pallas"))
   # Engine.
   client_map: str = _f("vmap", "How clients are mapped.", ("vmap", "map", "chunked"))
   client_chunk_size: int = _f(2, "Clients per vmapped chunk for client_map=chunked.")
@@ -137,6 +166,24 @@ class ExperimentConfig:
     if not self.alpha > 0:
       raise ConfigError(f"alpha={self.alpha} must be > 0 (use inf for IID)")
     _positive(self, "server_eps")
+    if not 0.0 <= self.sparsity < 1.0:
+      raise ConfigError(f"sparsity={self.sparsity} must lie in [0, 1)")
+    if not 0.0 <= self.initial_sparsity <= self.sparsity or self.initial_sparsity >= 1.0:
+      raise ConfigError(f"initial_sparsity={self.initial_sparsity} must lie in "
+                        f"[0, sparsity={self.sparsity}]")
+    if not 0.0 <= self.mask_ratio <= self.sparsity:
+      raise ConfigError(f"mask_ratio={self.mask_ratio} must lie in [0, sparsity="
+                        f"{self.sparsity}] (mask_ratio = sparsity uploads the whole model)")
+    _at_least(self, "topk_period", 1)
+    _at_least(self, "prune_start_round", 0)
+    _at_least(self, "prune_frequency", 1)
+    _at_least(self, "prune_exponent", 1)
+    _at_least(self, "mask_every", 0)
+    _at_least(self, "block_size", 1)
+    if self.vote_threshold != -1 and self.vote_threshold < 1:
+      raise ConfigError(f"vote_threshold={self.vote_threshold} must be -1 (floor(K/2)) or >= 1")
+    if not self.beta >= 1.0 or not math.isfinite(self.beta):
+      raise ConfigError(f"beta={self.beta} must be a finite number >= 1")
     if self.server_lr is not None:
       _positive(self, "server_lr")
     if not self.workdir:

@@ -126,11 +126,17 @@ def _check_resume_config(cfg: ExperimentConfig, path: str) -> None:
 def _round_row(t: int, metrics: Dict[str, Any], seconds: float) -> Dict[str, Any]:
   row: Dict[str, Any] = {"round": t}
   host = jax.device_get(metrics)
-  up = np.asarray(host.pop("uplink_bytes_per_client"), np.int64)
-  down = int(host.pop("downlink_bytes_per_client"))
+  per_client = {k: np.asarray(host.pop(k), np.int64) for k in list(host)
+                if k.endswith("_per_client")}
   row["clients"] = np.asarray(host.pop("clients")).tolist()
-  row["uplink_bytes"] = int(up.sum())
-  row["downlink_bytes"] = down * len(row["clients"])
+  k = len(row["clients"])
+  for name, v in per_client.items():   # uplink: sum over clients; downlink: K copies
+    total = int(v.sum()) if v.ndim else k * int(v)
+    row[name[:-len("_per_client")]] = total
+  mask_bits = row.pop("uplink_mask_bits")
+  # FedSparsify's transmission cost (algorithms.md §7.2): 32 bits per sent value + mask bits.
+  row["transmitted_params"] = row["uplink_nnz"] + row["downlink_nnz"]
+  row["fedsparsify_cost_mbits"] = (32 * row["transmitted_params"] + mask_bits) / 1e6
   for k, v in host.items():
     arr = np.asarray(v)
     row[k] = arr.item() if arr.ndim == 0 else arr.tolist()

@@ -82,14 +82,17 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
       res = client_lib.local_train(algorithm, model, batch_fn, cfg.local, make_opt, global_in,
                                    state.model_state, state.algo_state, x, y, n, k, t)
       upload = algorithm.client_upload(global_in, res.params, res.client_state, t)
-      up_bytes = comm.tree_bytes(upload.values, cfg.comm_encoding)
+      up = {"bytes": comm.tree_bytes(upload.values, cfg.comm_encoding),
+            "nnz": comm.tree_nnz(upload.values), "mask_bits": jnp.int32(0)}
       if upload.mask is not None:   # 1 bit per entry, whole bytes per tensor
-        up_bytes = up_bytes + sum(comm.encoded_bytes(0, m.size, "bitmask")
-                                  for m in jax.tree.leaves(upload.mask))
+        mask_size = sum(m.size for m in jax.tree.leaves(upload.mask))
+        up["bytes"] = up["bytes"] + sum(comm.encoded_bytes(0, m.size, "bitmask")
+                                        for m in jax.tree.leaves(upload.mask))
+        up["mask_bits"] = jnp.int32(mask_size)
       cmetrics = algorithm.client_metrics(global_in, upload, res.client_state)
-      return upload, res.model_state, res.loss_sum, res.num_trained, up_bytes, cmetrics
+      return upload, res.model_state, res.loss_sum, res.num_trained, up, cmetrics
 
-    uploads, mstates, loss_sums, num_trained, up_bytes, cmetrics = map_clients(
+    uploads, mstates, loss_sums, num_trained, up, cmetrics = map_clients(
         one_client, (xs, ys, ns, client_keys), cfg.client_map, cfg.client_chunk_size)
 
     weights = ns.astype(jnp.float32)
@@ -108,8 +111,11 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
         "lr": lr,
         "train_loss": jnp.sum(loss_sums) / jnp.maximum(jnp.sum(num_trained), 1.0),
         "num_examples": jnp.sum(ns),
-        "uplink_bytes_per_client": up_bytes,
+        "uplink_bytes_per_client": up["bytes"],
+        "uplink_nnz_per_client": up["nnz"],
+        "uplink_mask_bits_per_client": up["mask_bits"],
         "downlink_bytes_per_client": comm.tree_bytes(global_in, cfg.comm_encoding),
+        "downlink_nnz_per_client": comm.tree_nnz(global_in),
         "global_density": comm.tree_nnz(params) / comm.tree_size(params),
         **{k: jnp.sum(v * weights) / jnp.sum(weights) for k, v in cmetrics.items()},
         **algorithm.server_metrics(state.params, params, algo_state),
