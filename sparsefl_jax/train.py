@@ -21,6 +21,7 @@ from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import evaluation, optimizers
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
+from sparsefl_jax.models import introspect
 from sparsefl_jax.metrics import MetricsWriter, read_metrics
 
 # Purpose tags folded into each seed, so equal seeds still give independent streams.
@@ -77,6 +78,10 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
   variables = dict(variables)
   params = algorithm.init_params(variables.pop("params"), algo_key)
   model_state = variables
+  order = introspect.weight_layer_order(model, {"params": params, **model_state}, dummy)
+  algorithm, op = algorithm.setup(params, order)
+  if op is not None:   # SWAT / Powerprop: every weight layer routes through the method's op
+    model = models.get_model(cfg.model, ds.num_classes, conv_impl=cfg.conv_impl, op=op)
 
   server_name = cfg.resolved_server_optimizer(algorithm.default_server_optimizer)
   server_opt = optimizers.server_optimizer(

@@ -22,7 +22,7 @@ branches under vmap. Per-client hooks run under the client map (vmap or lax.map)
 for ONE client; the engine adds the client axis.
 """
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,17 @@ class Algorithm:
     """Builds the algorithm from a run's config; methods with hyperparameters override this."""
     del config
     return cls()
+
+  def setup(self, params: Params, layer_order: Tuple[str, ...]
+            ) -> Tuple["Algorithm", Optional[Any]]:
+    """Binds model facts to the algorithm; returns (algorithm, layer op or None).
+
+    Called once with the freshly initialised parameters and the weight layers' module paths
+    in call order (first layer … classifier). An algorithm that changes how weight layers
+    compute (SWAT, Powerprop) returns a `models.LinearOp`; the model is then rebuilt with it.
+    """
+    del params, layer_order
+    return self, None
 
   # ---- server side ---------------------------------------------------------------------
   def init_params(self, params: Params, key: PRNGKey) -> Params:
@@ -110,16 +121,22 @@ class Algorithm:
 
   def forward(self, model, params: Params, model_state: PyTree, x: jax.Array, *, train: bool,
               example_mask: Optional[jax.Array], rngs: Optional[Dict[str, PRNGKey]],
-              client_state: ClientState) -> tuple[jax.Array, PyTree]:
-    """Logits and the updated model state (BatchNorm statistics) of one batch."""
-    del client_state
+              client_state: ClientState, step: Optional[jax.Array] = None
+              ) -> tuple[jax.Array, PyTree, ClientState]:
+    """Logits, updated model state (BatchNorm statistics) and client state of one batch.
+
+    `step` is the unbatched local step index (None in evaluation): a predicate on it stays a
+    real `lax.cond` under the client vmap (e.g. SWAT's threshold refresh every N steps).
+    Returning a new client state lets layer ops cache values across steps (thresholds).
+    """
+    del step
     variables = {"params": params, **model_state}
     if train and model_state:
       logits, new_state = model.apply(variables, x, train=True, example_mask=example_mask,
                                       rngs=rngs, mutable=list(model_state.keys()))
-      return logits, dict(new_state)
+      return logits, dict(new_state), client_state
     logits = model.apply(variables, x, train=train, example_mask=example_mask, rngs=rngs)
-    return logits, model_state
+    return logits, model_state, client_state
 
   def local_loss(self, params: Params, global_params: Params, client_state: ClientState
                  ) -> Scalar:

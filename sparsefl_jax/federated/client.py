@@ -85,15 +85,15 @@ def local_train(algorithm: Algorithm, model, batch_fn: BatchFn, cfg: LocalConfig
   opt_state = optimizer.init(global_params)
   bsz = cfg.batch_size
 
-  def loss_fn(params, mstate, cstate, xb, yb, wb, rng):
-    logits, new_mstate = algorithm.forward(
+  def loss_fn(params, mstate, cstate, xb, yb, wb, rng, s):
+    logits, new_mstate, new_cstate = algorithm.forward(
         model, params, mstate, xb, train=True, example_mask=wb > 0,
-        rngs={"dropout": rng}, client_state=cstate)
+        rngs={"dropout": rng}, client_state=cstate, step=s)
     per_example = cross_entropy(logits, yb)
     data_loss_sum = jnp.sum(per_example * wb)
     loss = data_loss_sum / jnp.maximum(jnp.sum(wb), 1.0)
     loss = loss + algorithm.local_loss(params, global_params, cstate)
-    return loss, (new_mstate, data_loss_sum)
+    return loss, (new_mstate, new_cstate, data_loss_sum)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -106,13 +106,13 @@ def local_train(algorithm: Algorithm, model, batch_fn: BatchFn, cfg: LocalConfig
     rng = jax.random.fold_in(jax.random.fold_in(step_key, epoch), b)
     aug_key, drop_key = jax.random.split(rng)
     xb = batch_fn(x[idx], aug_key, True)
-    grads, (new_mstate, batch_loss_sum) = grad_fn(params, mstate, cstate, xb, y[idx], wb,
-                                                  drop_key)
-    grads = algorithm.transform_grads(grads, params, cstate)
+    grads, (new_mstate, new_cstate, batch_loss_sum) = grad_fn(
+        params, mstate, cstate, xb, y[idx], wb, drop_key, s)
+    grads = algorithm.transform_grads(grads, params, new_cstate)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     new_params, new_opt_state, new_cstate = algorithm.post_step(new_params, new_opt_state,
-                                                                cstate)
+                                                                new_cstate)
     has_data = b * bsz < num_examples
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, old)
     carry = (keep(new_params, params), keep(new_opt_state, opt_state),

@@ -35,7 +35,7 @@ def make_eval_fn(algorithm: Algorithm, model, batch_fn: BatchFn
 
     def one_batch(batch):
       x, y, w = batch
-      logits, _ = algorithm.forward(model, eval_params, model_state,
+      logits, _, _ = algorithm.forward(model, eval_params, model_state,
                                     batch_fn(x, jax.random.PRNGKey(0), False), train=False,
                                     example_mask=None, rngs=None, client_state=())
       correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)

@@ -1,0 +1,158 @@
+"""ZeroFL (Qiu et al., ICLR 2022) and vanilla SWAT-FL.
+
+Clients train with SWAT at sparsity sp (see `sparsity.swat`), then upload the top
+ρ = 1 − sp + r_mask fraction, per layer, of the SWAT-sparse layers; every other tensor is sent
+whole (algorithms.md §2.2). Three uplink strategies (Algorithm 1):
+
+  topk_weights          send TopK_ρ(w_k)                       w' = Σ (n_k/n) w̃_k
+  diff_on_topk_weights  send (w_k − w_t) at TopK_ρ(|w_k|)      w' = w_t + Σ (n_k/n) d̃_k
+  topk_weights_diff     send TopK_ρ(w_k − w_t)                 w' = w_t + Σ (n_k/n) d̃_k
+
+and `dense` (the whole model: vanilla SWAT-FL, the `--algorithm=swat` default). Top-K scope is
+per layer as in the paper (the SparsyFed re-implementation's global top-K is a deviation).
+"""
+import dataclasses
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from sparsefl_jax.algorithms.base import Algorithm, Upload
+from sparsefl_jax.sparsity import swat, topk
+from sparsefl_jax.sparsity.metrics import global_mask_metrics
+
+STRATEGIES = ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroFL(Algorithm):
+  """SWAT local training + a top-K uplink; see the module docstring.
+
+  Attributes:
+    sparsity: SWAT sparsity sp of the sparse layers (weights and activations).
+    mask_ratio: r_mask; clients upload the top (1 − sp + r_mask) of each sparse layer.
+    strategy: one of STRATEGIES.
+    sparse_layers: 'default' (ZeroFL's choice), 'all', or comma-separated layer paths.
+    distribution: 'uniform' (SWAT-U) or 'erk' (SWAT-ERK) per-layer sparsities.
+    method: exact threshold algorithm of `sparsity.topk`.
+    topk_period: recompute SWAT's thresholds every N local steps (cached in between).
+  """
+  sparsity: float = 0.9
+  mask_ratio: float = 0.0
+  strategy: str = "topk_weights"
+  sparse_layers: str = "default"
+  distribution: str = "uniform"
+  method: str = "bisection"
+  topk_period: int = 1
+  layer_densities: Tuple[Tuple[str, float], ...] = ()   # bound by setup()
+
+  name = "zerofl"
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"uplink={self.strategy!r} is not one of {list(STRATEGIES)}")
+    if not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+    if not 0.0 <= self.mask_ratio <= self.sparsity:
+      raise ValueError(f"mask_ratio={self.mask_ratio} must lie in [0, sparsity="
+                       f"{self.sparsity}]")
+    if self.topk_period < 1:
+      raise ValueError(f"topk_period={self.topk_period} must be >= 1")
+    kind = "delta" if self.strategy.startswith(("diff", "topk_weights_diff")) else "weights"
+    object.__setattr__(self, "uplink", kind)
+    super().__post_init__()
+
+  @classmethod
+  def from_config(cls, config) -> "ZeroFL":
+    return cls(sparsity=config.sparsity, mask_ratio=config.mask_ratio, strategy=config.uplink,
+               sparse_layers=config.sparse_layers, distribution=config.sparsity_distribution,
+               method=config.topk_method, topk_period=config.topk_period)
+
+  @property
+  def upload_density(self) -> float:
+    """ρ = 1 − sp + r_mask."""
+    return min(1.0, 1.0 - self.sparsity + self.mask_ratio)
+
+  def setup(self, params, layer_order):
+    dens = swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution,
+                                layer_order)
+    bound = dataclasses.replace(self, layer_densities=dens)
+    return bound, swat.SwatOp(dens, self.method)
+
+  def densities(self, params):
+    """((layer path, SWAT density), ...) bound by setup() (or derived by name order)."""
+    if self.layer_densities:
+      return self.layer_densities
+    return swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution)
+
+  # ---- threshold caching (topk_period > 1) ----------------------------------------------
+  def client_init(self, global_params, algo_state, t, key):
+    del algo_state, t, key
+    if self.topk_period == 1:
+      return ()
+    zero = jnp.zeros((), jnp.float32)
+    return {name: {"thr_w": zero, "thr_a": zero} for name, _ in self.densities(global_params)}
+
+  def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
+              step=None):
+    if not train or self.topk_period == 1 or step is None:
+      return super().forward(model, params, model_state, x, train=train,
+                             example_mask=example_mask, rngs=rngs, client_state=client_state,
+                             step=step)
+    dens = self.densities(params)
+    refresh = (step % self.topk_period) == 0
+    variables = {"params": params, **model_state,
+                 swat.COLLECTION: swat.cache_variables(dens, refresh, client_state)}
+    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
+                              mutable=[*model_state.keys(), swat.COLLECTION])
+    new_state = {k: new[k] for k in model_state}
+    return logits, new_state, swat.cached_thresholds(new[swat.COLLECTION], dens)
+
+  # ---- uplink ------------------------------------------------------------------------------
+  def _upload_masks(self, scores, params):
+    """Per-layer top-ρ masks of `scores` on the SWAT-sparse kernels; all-True elsewhere."""
+    sparse = {name for name, _ in self.densities(params)}
+    rho = self.upload_density
+
+    def density_of(key_path, _):
+      path = topk.path_str(key_path)
+      is_sparse_kernel = path.endswith("/kernel") and path[:-len("/kernel")] in sparse
+      return rho if is_sparse_kernel else None
+
+    dens = jax.tree_util.tree_map_with_path(density_of, scores)
+    return topk.layerwise_topk_masks(scores, dens, self.method)
+
+  def client_upload(self, global_params, local_params, client_state, t):
+    del client_state, t
+    if self.strategy == "dense":
+      return Upload(local_params)
+    diff = jax.tree.map(jnp.subtract, local_params, global_params)
+    scores = diff if self.strategy == "topk_weights_diff" else local_params
+    masks = self._upload_masks(scores, local_params)
+    sent = local_params if self.strategy == "topk_weights" else diff
+    return Upload(jax.tree.map(lambda v, m: jnp.where(m, v, 0.0), sent, masks))
+
+  def client_metrics(self, global_params, upload, client_state) -> Dict[str, jax.Array]:
+    del global_params, client_state
+    leaves = jax.tree.leaves(upload.values)
+    nnz = sum(jnp.sum(l != 0) for l in leaves)
+    return {"upload_density": nnz / sum(l.size for l in leaves)}
+
+  def server_metrics(self, old_params, new_params, algo_state):
+    del algo_state
+    return global_mask_metrics(old_params, new_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwatFL(ZeroFL):
+  """Vanilla SWAT-FL: SWAT local training, whole model uploaded (ZeroFL with r_mask = sp)."""
+  strategy: str = "dense"
+
+  name = "swat"
+
+  @classmethod
+  def from_config(cls, config) -> "SwatFL":
+    base = ZeroFL.from_config(config)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ZeroFL)
+              if f.name not in ("uplink", "strategy", "layer_densities")}
+    return cls(**fields)

@@ -1,0 +1,24 @@
+"""Per-round sparsity metrics of the global model (jittable): per-layer density, mask IoU."""
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+from sparsefl_jax.sparsity import masks, topk
+from sparsefl_jax.types import Params
+
+
+def kernel_densities(params: Params) -> Dict[str, jax.Array]:
+  """{'density/<layer>': non-zero fraction} for every conv/dense kernel (ZeroFL Fig. 2)."""
+  out = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = topk.path_str(key_path)
+    if path.endswith("/kernel") and leaf.ndim >= 2:
+      out["density/" + path[:-len("/kernel")]] = jnp.mean((leaf != 0).astype(jnp.float32))
+  return out
+
+
+def global_mask_metrics(old_params: Params, new_params: Params) -> Dict[str, jax.Array]:
+  """IoU of consecutive global masks (non-zero patterns) plus per-layer kernel densities."""
+  return {"mask_iou": masks.mask_iou(masks.mask_of(old_params), masks.mask_of(new_params)),
+          **kernel_densities(new_params)}

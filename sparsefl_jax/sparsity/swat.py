@@ -1,0 +1,205 @@
+"""SWAT (Raihan & Aamodt 2020) as a layer op: sparse weights forward, sparse activations back.
+
+For a sparse layer with density d (algorithms.md §1.1–1.2):
+
+  forward   y  = f(a, TopK_d(W))          input activation dense
+  saved        ã = TopK_d(a) over the whole activation tensor, W̃ = TopK_d(W)
+  backward  ∇a = f_a(∇y; W̃)              input gradient with the sparse weights
+            ∇W = f_W(∇y; ã)              DENSE weight gradient with sparse activations
+
+`f` is the layer's contraction (dense or im2col conv), so one `jax.vjp` of it at (ã, W̃) gives
+both gradients. The stored weights stay dense and receive dense updates, so the mask is
+dynamic. Evaluation also uses TopK(W) (the op is part of the model). Thresholds follow SWAT's
+top-K semantics (k = ceil(d·n), keep |x| ≥ k-th largest, ties kept) through
+`sparsity.topk.topk_threshold`, and can be cached across local steps (SWAT's `topk_period`):
+when the model is applied with a mutable 'swat' collection holding, per sparse layer,
+`refresh` (an unbatched bool) and the cached `thr_w`/`thr_a`, thresholds are recomputed only
+on refresh steps.
+
+`swat_contract` is the shared custom-VJP core; SparsyFed's activation pruning reuses it with
+its own thresholds.
+"""
+import dataclasses
+import functools
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from sparsefl_jax.sparsity import topk
+
+Contract = Callable[[jax.Array, jax.Array], jax.Array]
+COLLECTION = "swat"
+
+
+def keep_above(x: jax.Array, threshold: jax.Array) -> jax.Array:
+  """x with the entries whose |x| is below `threshold` set to zero (SWAT's drop_threshold)."""
+  return jnp.where(topk.abs32(x) >= threshold, x, jnp.zeros_like(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def swat_contract(contract: Contract, x: jax.Array, w: jax.Array, thr_w: jax.Array,
+                  thr_a: jax.Array) -> jax.Array:
+  """contract(x, W̃) with SWAT's backward; thresholds get no gradient."""
+  return contract(x, keep_above(w, thr_w))
+
+
+def _swat_fwd(contract, x, w, thr_w, thr_a):
+  w_sparse = keep_above(w, thr_w)
+  return contract(x, w_sparse), (keep_above(x, thr_a), w_sparse, thr_w, thr_a)
+
+
+def _swat_bwd(contract, residuals, g):
+  x_sparse, w_sparse, thr_w, thr_a = residuals
+  _, vjp = jax.vjp(contract, x_sparse, w_sparse)
+  gx, gw = vjp(g)
+  return gx, gw, jnp.zeros_like(thr_w), jnp.zeros_like(thr_a)
+
+
+swat_contract.defvjp(_swat_fwd, _swat_bwd)
+
+
+def module_path(module) -> str:
+  """'layer1_0/conv1' for a flax module bound at that path."""
+  return "/".join(str(p) for p in module.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwatOp:
+  """A `models.LinearOp` applying SWAT to the layers listed in `densities`.
+
+  Attributes:
+    densities: ((module path, density), ...): weight and activation density per sparse layer
+      (SWAT uses the same for both); layers not listed run dense.
+    method: exact threshold algorithm ('top_k', 'bisection' or 'sort').
+  """
+  densities: Tuple[Tuple[str, float], ...]
+  method: str = "bisection"
+
+  def density(self, path: str) -> Optional[float]:
+    return dict(self.densities).get(path)
+
+  def __call__(self, module, contract: Contract, x: jax.Array, kernel: jax.Array
+               ) -> jax.Array:
+    d = self.density(module_path(module))
+    if d is None:
+      return contract(x, kernel)
+    compute_w = lambda: topk.topk_threshold(jax.lax.stop_gradient(kernel), d, self.method)
+    compute_a = lambda: topk.topk_threshold(jax.lax.stop_gradient(x), d, self.method)
+    if module.has_variable(COLLECTION, "refresh"):
+      refresh = module.get_variable(COLLECTION, "refresh")
+      cached_w = module.get_variable(COLLECTION, "thr_w")
+      cached_a = module.get_variable(COLLECTION, "thr_a")
+      thr_w = jax.lax.cond(refresh, compute_w, lambda: cached_w)
+      thr_a = jax.lax.cond(refresh, compute_a, lambda: cached_a)
+      if module.is_mutable_collection(COLLECTION):
+        module.put_variable(COLLECTION, "thr_w", thr_w)
+        module.put_variable(COLLECTION, "thr_a", thr_a)
+    else:
+      thr_w, thr_a = compute_w(), compute_a()
+    return swat_contract(contract, x, kernel, thr_w, thr_a)
+
+
+# ---- which layers are sparse, and how sparse ------------------------------------------------
+
+
+def weight_layers(params, order: Sequence[str] = ()) -> Dict[str, Tuple[int, ...]]:
+  """{module path: kernel shape} of every conv/dense kernel, in call order when `order`
+  (from `models.introspect.weight_layer_order`) is given, else in parameter (name) order."""
+  found = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = topk.path_str(key_path)
+    if path.endswith("/kernel") and jnp.ndim(leaf) >= 2:
+      found[path[:-len("/kernel")]] = tuple(jnp.shape(leaf))
+  if not order:
+    return found
+  missing = [p for p in found if p not in order]
+  if missing:
+    raise ValueError(f"layer order {list(order)} lacks weight layers {missing}")
+  return {p: found[p] for p in order if p in found}
+
+
+def default_sparse_layers(layers: Dict[str, Tuple[int, ...]]) -> Tuple[str, ...]:
+  """ZeroFL's choice generalised: every weight layer except the last one called (the
+  classifier), 1×1 convolutions (ResNet shortcuts) and a ResNet 'stem'. This gives exactly
+  ZeroFL's sets: ResNet-18 → all 3×3 convs but the stem; LEAF CNN → conv1, conv2, fc1
+  (algorithms.md §2.4). `layers` must be in call order.
+  """
+  names = list(layers)
+  last = names[-1] if names else None
+  chosen = []
+  for name, shape in layers.items():
+    is_1x1 = len(shape) == 4 and shape[0] == 1 and shape[1] == 1
+    if name == last or is_1x1 or name.split("/")[-1] == "stem":
+      continue
+    chosen.append(name)
+  return tuple(chosen)
+
+
+def select_sparse_layers(layers: Dict[str, Tuple[int, ...]], spec: str) -> Tuple[str, ...]:
+  """'default', 'all', or a comma-separated list of module paths (each must exist)."""
+  if spec == "default":
+    return default_sparse_layers(layers)
+  if spec == "all":
+    return tuple(layers)
+  wanted = [s.strip() for s in spec.split(",") if s.strip()]
+  unknown = [w for w in wanted if w not in layers]
+  if unknown or not wanted:
+    raise ValueError(f"sparse_layers={spec!r} names unknown layers {unknown}; accepted: "
+                     f"'default', 'all' or a comma-separated subset of {list(layers)}")
+  return tuple(wanted)
+
+
+def layer_densities(params, sparsity: float, spec: str = "default",
+                    distribution: str = "uniform", order: Sequence[str] = ()
+                    ) -> Tuple[Tuple[str, float], ...]:
+  """((path, density), ...) for the sparse layers: SWAT-U (uniform) or SWAT-ERK."""
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
+  layers = weight_layers(params, order)
+  chosen = select_sparse_layers(layers, spec)
+  if distribution == "uniform":
+    return tuple((name, 1.0 - sparsity) for name in chosen)
+  if distribution != "erk":
+    raise ValueError(f"sparsity_distribution={distribution!r} is not one of "
+                     "['uniform', 'erk']")
+  from sparsefl_jax.sparsity import distributions  # local: set-up only
+  shapes = {name: jnp.zeros(layers[name], jnp.float32) for name in chosen}
+  sparsities = distributions.erk(shapes, sparsity, filter_fn=None)
+  return tuple((name, 1.0 - float(sparsities[name])) for name in chosen)
+
+
+def cache_variables(densities: Sequence[Tuple[str, float]], refresh: jax.Array,
+                    cached: Optional[dict] = None) -> dict:
+  """The nested 'swat' collection: per sparse layer {refresh, thr_w, thr_a}."""
+  out: dict = {}
+  for name, _ in densities:
+    node = out
+    parts = name.split("/")
+    for p in parts:
+      node = node.setdefault(p, {})
+    prev = _lookup(cached, parts) if cached is not None else None
+    node["refresh"] = refresh
+    node["thr_w"] = prev["thr_w"] if prev else jnp.zeros((), jnp.float32)
+    node["thr_a"] = prev["thr_a"] if prev else jnp.zeros((), jnp.float32)
+  return out
+
+
+def cached_thresholds(collection: dict, densities: Sequence[Tuple[str, float]]) -> dict:
+  """{path: {'thr_w', 'thr_a'}} read back from an applied 'swat' collection."""
+  out = {}
+  for name, _ in densities:
+    node = _lookup(collection, name.split("/"))
+    out[name] = {"thr_w": node["thr_w"], "thr_a": node["thr_a"]}
+  return out
+
+
+def _lookup(tree: Optional[dict], parts):
+  if tree is None:
+    return None
+  if "/".join(parts) in tree:      # flat {path: ...} form (client state)
+    return tree["/".join(parts)]
+  node = tree
+  for p in parts:
+    node = node[p]
+  return node
