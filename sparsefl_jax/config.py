@@ -5,7 +5,9 @@ below), so the library, the flags and `config.json` never drift apart.
 """
 import dataclasses
 import math
-from typing import Optional, Tuple
+import os
+import typing
+from typing import Any, Dict, Optional, Tuple
 
 
 def _f(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
@@ -106,6 +108,14 @@ class ExperimentConfig:
 
   def replace(self, **changes) -> "ExperimentConfig":
     return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_flagfile(cls, path: str, **overrides) -> "ExperimentConfig":
+    """Reads an absl flagfile (`--name=value` lines, `#` comments, nested `--flagfile=`)
+    into a config, for notebooks and tests that do not go through the launch script."""
+    values = parse_flagfile(path)
+    values.update(overrides)
+    return cls(**values)
 
   @property
   def synthetic_example_shape(self) -> Tuple[int, ...]:
@@ -210,3 +220,35 @@ def _in_unit(cfg, name: str) -> None:
   value = getattr(cfg, name)
   if not 0.0 <= value < 1.0:
     raise ConfigError(f"{name}={value} must lie in [0, 1)")
+
+
+def parse_flagfile(path: str) -> Dict[str, Any]:
+  """{field: typed value} from an absl-style flagfile; unknown flags are an error."""
+  hints = typing.get_type_hints(ExperimentConfig)
+  out: Dict[str, Any] = {}
+  with open(path) as f:
+    lines = [l.strip() for l in f]
+  for line in lines:
+    if not line or line.startswith("#"):
+      continue
+    if not line.startswith("--"):
+      raise ConfigError(f"{path}: line {line!r} is not of the form --name=value")
+    name, _, value = line[2:].partition("=")
+    if name == "flagfile":
+      out.update(parse_flagfile(os.path.join(os.path.dirname(path), value)
+                                if not os.path.isabs(value) else value))
+      continue
+    is_bool_negation = not _ and name.startswith("no") and name[2:] in hints
+    key = name[2:] if is_bool_negation else name
+    if key not in hints:
+      raise ConfigError(f"{path}: unknown flag --{name}")
+    kind = hints[key]
+    if kind is bool:
+      out[key] = (not is_bool_negation) if not _ else value.lower() in ("1", "true", "yes")
+    elif kind is int:
+      out[key] = int(value)
+    elif kind in (float, Optional[float]):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
