@@ -57,8 +57,8 @@ def main(argv) -> None:
   except ValueError as e:  # data/model errors carry the same one-line contract
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
-  acc = row.get("test_accuracy")
-  print(f"done: {cfg.rounds} rounds, test_accuracy={acc:.4f}, "
+  acc = row.get("test_accuracy", float("nan"))
+  print(f"done: {row.get('round', 0)} rounds, test_accuracy={acc:.4f}, "
         f"uplink={row['cumulative_uplink_bytes'] / 1e6:.1f} MB, "
         f"downlink={row['cumulative_downlink_bytes'] / 1e6:.1f} MB; outputs in {cfg.workdir}")
 

@@ -65,3 +65,22 @@ def plot_label_distribution(label_counts: np.ndarray, path: str,
   finally:
     plt.close(fig)
   return path
+
+
+def plot_mask_iou_heatmap(rounds, iou: np.ndarray, path: str,
+                          title: str = "IoU of global masks between rounds") -> str:
+  """Pairwise-round IoU of the global masks as a heat-map (SparsyFed Fig. 3); returns path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6, 5))
+  im = ax.imshow(iou, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
+  ticks = np.linspace(0, len(rounds) - 1, min(len(rounds), 8)).round().astype(int)
+  ax.set_xticks(ticks, [str(rounds[t]) for t in ticks])
+  ax.set_yticks(ticks, [str(rounds[t]) for t in ticks])
+  ax.set_xlabel("round")
+  ax.set_ylabel("round")
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax, label="IoU")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -22,7 +22,7 @@ from sparsefl_jax.federated import evaluation, optimizers
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
 from sparsefl_jax.models import introspect
-from sparsefl_jax.metrics import MetricsWriter, read_metrics
+from sparsefl_jax.metrics import MetricsWriter, read_metrics, save_global_mask
 
 # Purpose tags folded into each seed, so equal seeds still give independent streams.
 INIT_STREAM, SAMPLING_STREAM, TRAINING_STREAM = 1, 2, 3
@@ -171,9 +171,12 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
     state = jax.tree.map(jnp.asarray, state)
     writer.truncate_after(start)
     logging.info("resumed from round %d", start)
-  else:
-    if os.path.exists(metrics_path):
-      os.remove(metrics_path)
+  elif ckpt.latest_round() is not None:
+    raise ConfigError(f"workdir={cfg.workdir!r} already holds a run (checkpoint at round "
+                      f"{ckpt.latest_round()}); pass --resume to continue it, or choose a new "
+                      "--workdir")
+  elif os.path.exists(metrics_path):
+    os.remove(metrics_path)
   with open(config_path, "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
   if cfg.plot_partition:
@@ -201,13 +204,18 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
       row["test_loss"] = float(ev["loss"])
       row["test_accuracy"] = float(ev["accuracy"])
     writer.write(row)
+    if cfg.mask_every and t % cfg.mask_every == 0:
+      save_global_mask(os.path.join(cfg.workdir, "masks"), t, state.params)
     if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last:
       ckpt.save(t, state)
     if cfg.progress:
       _progress(t, cfg.rounds, row)
   ckpt.close()
-  if cfg.progress:
+  if cfg.progress and row:
     sys.stderr.write("\n")
+  if not row:   # resumed a finished run: nothing to do, report where it ended
+    done = read_metrics(metrics_path)
+    row = done[-1] if done else {}
   return row
 
 

@@ -1,0 +1,102 @@
+"""SparsyFed (Guastella et al., ICLR 2025; algorithms.md §4).
+
+Clients train a Powerprop model (w = sign(v)|v|^β on every conv/dense kernel, first and last
+included; BN and biases untouched), with each layer's saved input pruned in the backward pass
+to the layer's current weight density (`sparsity.powerprop.PowerpropOp`); after local training
+they keep the global top (1 − ŝ) of the kernels by |v| and upload the pruned weights (as the
+Top-K baseline does). The server averages (FedAvg or any optax optimizer, e.g. FedAdam with
+η=0.01, τ=1e-3, β1=0.9, β2=0.99 as the authors' configs) and does not re-prune.
+
+Variants: `act_threshold='first_batch'` computes each layer's activation threshold on the
+first local batch of the round and reuses it (the authors' conv layers); `spectral=True`
+replaces β by a per-layer β_ℓ = 1 + mean(|W_ℓ|/σ_max(|W_ℓ|)) recomputed each round from the
+received global model (§4.7; ranking for the upload top-K then uses |v|, as the code does).
+"""
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from sparsefl_jax.algorithms.base import Algorithm
+from sparsefl_jax.algorithms.topk import TopK
+from sparsefl_jax.sparsity import powerprop, swat
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsyFed(TopK):
+  beta: float = 1.25
+  spectral: bool = False
+  act_threshold: str = "per_batch"
+  layers: Tuple[str, ...] = ()     # bound by setup(): every weight layer, in call order
+
+  name = "sparsyfed"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.beta >= 1.0:
+      raise ValueError(f"beta={self.beta} must be >= 1")
+    if self.act_threshold not in powerprop.ACT_THRESHOLDS:
+      raise ValueError(f"act_threshold={self.act_threshold!r} is not one of "
+                       f"{list(powerprop.ACT_THRESHOLDS)}")
+    if self.method == "top_k":   # the activation density is traced (it depends on w)
+      object.__setattr__(self, "method", "bisection")
+
+  @classmethod
+  def from_config(cls, config) -> "SparsyFed":
+    return cls(sparsity=config.sparsity, method=config.topk_method, beta=config.beta,
+               spectral=config.spectral_exponent, act_threshold=config.act_threshold)
+
+  def init_params(self, params, key):
+    del key
+    return params if self.spectral else powerprop.init_kernels(params, self.beta)
+
+  def setup(self, params, layer_order) -> Tuple[Algorithm, powerprop.PowerpropOp]:
+    del params
+    bound = dataclasses.replace(self, layers=tuple(layer_order))
+    return bound, powerprop.PowerpropOp(self.beta, act_pruning=True, method=self.method)
+
+  def _betas(self, params) -> dict:
+    kernels = swat.weight_layers(params, self.layers)
+    out = {}
+    for name in kernels:
+      node = params
+      for p in name.split("/"):
+        node = node[p]
+      out[name] = powerprop.spectral_exponent(node["kernel"])
+    return out
+
+  def client_init(self, global_params, algo_state, t, key):
+    del algo_state, t, key
+    state = {}
+    if self.spectral:
+      state["betas"] = self._betas(global_params)
+    if self.act_threshold == "first_batch":
+      zero = jnp.zeros((), jnp.float32)
+      state["thr"] = {name: {"thr_w": zero, "thr_a": zero} for name in self.layers}
+    return state
+
+  def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
+              step=None):
+    extra = {}
+    if self.spectral:
+      betas = client_state["betas"] if train else self._betas(params)
+      extra[powerprop.BETA_COLLECTION] = powerprop.beta_variables(betas)
+    use_cache = train and self.act_threshold == "first_batch" and step is not None
+    if use_cache:
+      dens = tuple((name, 0.0) for name in self.layers)
+      extra[swat.COLLECTION] = swat.cache_variables(dens, step == 0, client_state["thr"])
+    if not extra:
+      return super().forward(model, params, model_state, x, train=train,
+                             example_mask=example_mask, rngs=rngs, client_state=client_state,
+                             step=step)
+    variables = {"params": params, **model_state, **extra}
+    if not train:
+      return model.apply(variables, x, train=False), model_state, client_state
+    mutable = [*model_state.keys()] + ([swat.COLLECTION] if use_cache else [])
+    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
+                              mutable=mutable)
+    new_state = {k: new[k] for k in model_state}
+    if use_cache:
+      client_state = dict(client_state, thr=swat.cached_thresholds(new[swat.COLLECTION], dens))
+    return logits, new_state, client_state

@@ -1,0 +1,53 @@
+"""Top-K baseline as SparsyFed configures it (algorithms.md §4.9, §5 item 4a).
+
+Dense local training (β = 1); before upload each client keeps the top (1 − ŝ) of |w| over all
+conv and dense kernels jointly (biases and BatchNorm stay dense) and zeroes the rest; the
+server averages the sparse models (FedAvg, or any optax server optimizer) without re-pruning,
+so the global model can be denser than 1 − ŝ and pruned weights can regrow.
+"""
+import dataclasses
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+from sparsefl_jax.algorithms.base import Algorithm, Upload
+from sparsefl_jax.sparsity import masks, topk
+from sparsefl_jax.sparsity.metrics import global_mask_metrics
+from sparsefl_jax.sparsity.powerprop import is_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Algorithm):
+  """Global magnitude top-K of the kernels before upload; regrowth metrics per client."""
+  sparsity: float = 0.95
+  method: str = "bisection"
+
+  name = "topk"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+
+  @classmethod
+  def from_config(cls, config) -> "TopK":
+    return cls(sparsity=config.sparsity, method=config.topk_method)
+
+  def client_upload(self, global_params, local_params, client_state, t):
+    del global_params, client_state, t
+    keep = topk.global_topk_masks(local_params, 1.0 - self.sparsity, filter_fn=is_kernel,
+                                  method=self.method)
+    return Upload(jax.tree.map(lambda v, m: jnp.where(m, v, 0.0), local_params, keep))
+
+  def client_metrics(self, global_params, upload, client_state) -> Dict[str, jax.Array]:
+    """Regrowth (zero in the received model, non-zero in the upload) and its reverse,
+    over all parameters as SparsyFed counts it; the engine averages them by example count."""
+    del client_state
+    return {"regrowth": masks.regrowth(global_params, upload.values).astype(jnp.float32),
+            "deactivation": masks.deactivation(global_params, upload.values
+                                               ).astype(jnp.float32)}
+
+  def server_metrics(self, old_params, new_params, algo_state):
+    del algo_state
+    return global_mask_metrics(old_params, new_params)
