@@ -44,6 +44,9 @@ class ZeroFL(Algorithm):
   distribution: str = "uniform"
   method: str = "bisection"
   topk_period: int = 1
+  structure: str = "unstructured"
+  block_size: int = 32
+  matmul_impl: str = "xla"
   layer_densities: Tuple[Tuple[str, float], ...] = ()   # bound by setup()
 
   name = "zerofl"
@@ -58,6 +61,10 @@ class ZeroFL(Algorithm):
                        f"{self.sparsity}]")
     if self.topk_period < 1:
       raise ValueError(f"topk_period={self.topk_period} must be >= 1")
+    if self.topk_period > 1 and self.structure != "unstructured":
+      raise ValueError(f"topk_period={self.topk_period} caches element thresholds; with "
+                       f"sparsity_structure={self.structure!r} use topk_period=1")
+    swat.SwatOp((), structure=self.structure, matmul_impl=self.matmul_impl)  # validates
     kind = "delta" if self.strategy.startswith(("diff", "topk_weights_diff")) else "weights"
     object.__setattr__(self, "uplink", kind)
     super().__post_init__()
@@ -66,7 +73,9 @@ class ZeroFL(Algorithm):
   def from_config(cls, config) -> "ZeroFL":
     return cls(sparsity=config.sparsity, mask_ratio=config.mask_ratio, strategy=config.uplink,
                sparse_layers=config.sparse_layers, distribution=config.sparsity_distribution,
-               method=config.topk_method, topk_period=config.topk_period)
+               method=config.topk_method, topk_period=config.topk_period,
+               structure=config.sparsity_structure, block_size=config.block_size,
+               matmul_impl=config.matmul_impl)
 
   @property
   def upload_density(self) -> float:
@@ -77,7 +86,8 @@ class ZeroFL(Algorithm):
     dens = swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution,
                                 layer_order)
     bound = dataclasses.replace(self, layer_densities=dens)
-    return bound, swat.SwatOp(dens, self.method)
+    return bound, swat.SwatOp(dens, self.method, self.structure, self.block_size,
+                              self.matmul_impl)
 
   def densities(self, params):
     """((layer path, SWAT density), ...) bound by setup() (or derived by name order)."""

@@ -113,7 +113,7 @@ class PowerpropOp:
         module.put_variable(swat.COLLECTION, "thr_a", thr_a)
     else:
       thr_a = compute()
-    return swat.swat_contract(contract, x, w, jnp.zeros((), jnp.float32), thr_a)
+    return swat.swat_contract(contract, x, w, jnp.ones_like(w), thr_a)
 
 
 def beta_variables(betas: dict) -> dict:

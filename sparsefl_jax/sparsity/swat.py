@@ -38,30 +38,39 @@ def keep_above(x: jax.Array, threshold: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def swat_contract(contract: Contract, x: jax.Array, w: jax.Array, thr_w: jax.Array,
+def swat_contract(contract: Contract, x: jax.Array, w: jax.Array, w_keep: jax.Array,
                   thr_a: jax.Array) -> jax.Array:
-  """contract(x, W̃) with SWAT's backward; thresholds get no gradient."""
-  return contract(x, keep_above(w, thr_w))
+  """contract(x, W ⊙ keep) with SWAT's backward; `w_keep` (0/1) and `thr_a` get no gradient."""
+  return contract(x, w * w_keep)
 
 
-def _swat_fwd(contract, x, w, thr_w, thr_a):
-  w_sparse = keep_above(w, thr_w)
-  return contract(x, w_sparse), (keep_above(x, thr_a), w_sparse, thr_w, thr_a)
+def _swat_fwd(contract, x, w, w_keep, thr_a):
+  w_sparse = w * w_keep
+  return contract(x, w_sparse), (keep_above(x, thr_a), w_sparse, w_keep, thr_a)
 
 
 def _swat_bwd(contract, residuals, g):
-  x_sparse, w_sparse, thr_w, thr_a = residuals
+  x_sparse, w_sparse, w_keep, thr_a = residuals
   _, vjp = jax.vjp(contract, x_sparse, w_sparse)
   gx, gw = vjp(g)
-  return gx, gw, jnp.zeros_like(thr_w), jnp.zeros_like(thr_a)
+  return gx, gw, jnp.zeros_like(w_keep), jnp.zeros_like(thr_a)
 
 
 swat_contract.defvjp(_swat_fwd, _swat_bwd)
 
 
+def threshold_keep(w: jax.Array, threshold: jax.Array) -> jax.Array:
+  """The 0/1 mask |w| ≥ threshold, as w's dtype."""
+  return (topk.abs32(w) >= threshold).astype(w.dtype)
+
+
 def module_path(module) -> str:
   """'layer1_0/conv1' for a flax module bound at that path."""
   return "/".join(str(p) for p in module.path)
+
+
+STRUCTURES = ("unstructured", "block")
+MATMUL_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +81,29 @@ class SwatOp:
     densities: ((module path, density), ...): weight and activation density per sparse layer
       (SWAT uses the same for both); layers not listed run dense.
     method: exact threshold algorithm ('top_k', 'bisection' or 'sort').
+    structure: 'unstructured' (element top-K of W) or 'block' (top-K of block_size² blocks of
+      the kernel's 2-D view by L2 norm; activations stay unstructured, as in SWAT's structured
+      variants).
+    block_size: block edge for structure='block'.
+    matmul_impl: 'xla' (dense masked matmul) or 'pallas' (the block-sparse kernel, which
+      skips zero blocks; structure='block' only).
+    interpret: Pallas interpret mode (None: on when the default backend is CPU).
   """
   densities: Tuple[Tuple[str, float], ...]
   method: str = "bisection"
+  structure: str = "unstructured"
+  block_size: int = 32
+  matmul_impl: str = "xla"
+  interpret: Optional[bool] = None
+
+  def __post_init__(self):
+    if self.structure not in STRUCTURES:
+      raise ValueError(f"sparsity_structure={self.structure!r} is not one of {STRUCTURES}")
+    if self.matmul_impl not in MATMUL_IMPLS:
+      raise ValueError(f"matmul_impl={self.matmul_impl!r} is not one of {MATMUL_IMPLS}")
+    if self.matmul_impl == "pallas" and self.structure != "block":
+      raise ValueError("matmul_impl='pallas' needs sparsity_structure='block' (unstructured "
+                       "top-K masks cannot skip work); accepted: sparsity_structure=block")
 
   def density(self, path: str) -> Optional[float]:
     return dict(self.densities).get(path)
@@ -84,6 +113,8 @@ class SwatOp:
     d = self.density(module_path(module))
     if d is None:
       return contract(x, kernel)
+    if self.structure == "block":
+      return self._block(module, contract, x, kernel, d)
     compute_w = lambda: topk.topk_threshold(jax.lax.stop_gradient(kernel), d, self.method)
     compute_a = lambda: topk.topk_threshold(jax.lax.stop_gradient(x), d, self.method)
     if module.has_variable(COLLECTION, "refresh"):
@@ -97,7 +128,22 @@ class SwatOp:
         module.put_variable(COLLECTION, "thr_a", thr_a)
     else:
       thr_w, thr_a = compute_w(), compute_a()
-    return swat_contract(contract, x, kernel, thr_w, thr_a)
+    return swat_contract(contract, x, kernel, threshold_keep(kernel, thr_w), thr_a)
+
+  def _block(self, module, contract, x, kernel, d):
+    """Block-structured SWAT: the same math through XLA or the Pallas kernel."""
+    from sparsefl_jax.sparsity import block   # local: keeps the unstructured path light
+    if self.matmul_impl == "pallas":
+      from sparsefl_jax.kernels.ops import BlockSparseOp
+      op = BlockSparseOp(d, block_size=self.block_size, backward="swat",
+                         activation_density=d, interpret=self.interpret)
+      return op(module, contract, x, kernel)
+    bs = (self.block_size, self.block_size)
+    w = jax.lax.stop_gradient(kernel)
+    keep = block.expand_block_mask(block.block_topk_mask(block.as_2d(w), d, bs), bs,
+                                   kernel.shape).astype(kernel.dtype)
+    thr_a = topk.topk_threshold(jax.lax.stop_gradient(x), d, self.method)
+    return swat_contract(contract, x, kernel, keep, thr_a)
 
 
 # ---- which layers are sparse, and how sparse ------------------------------------------------
