@@ -84,3 +84,27 @@ def plot_mask_iou_heatmap(rounds, iou: np.ndarray, path: str,
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def plot_runs(runs: dict, path: str, x: str = "round", y: str = "test_accuracy",
+              title: str = "") -> str:
+  """Line plot of metric `y` against `x` for several runs ({label: metrics rows}); rows
+  without `y` (non-evaluation rounds) are skipped. E.g. x='cumulative_uplink_bytes' draws
+  accuracy against communication. Returns path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, rows in runs.items():
+    pts = [(r[x], r[y]) for r in rows if y in r and x in r]
+    if pts:
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, marker=".", label=label)
+  ax.set_xlabel(x)
+  ax.set_ylabel(y)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
