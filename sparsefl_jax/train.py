@@ -183,7 +183,7 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
     from sparsefl_jax import plots  # matplotlib only when asked for
     plots.plot_label_distribution(exp.dataset.label_counts(),
                                   os.path.join(cfg.workdir, "label_distribution.png"),
-                                  title=f"{cfg.dataset}: {cfg.partition} partition")
+                                  title=_partition_title(cfg))
 
   first = int(state.round) + 1
   row: Dict[str, Any] = {}
@@ -217,6 +217,12 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
     done = read_metrics(metrics_path)
     row = done[-1] if done else {}
   return row
+
+
+def _partition_title(cfg: ExperimentConfig) -> str:
+  detail = {"lda": f"alpha={cfg.alpha:g}", "dirichlet": f"alpha={cfg.alpha:g}",
+            "classes": f"{cfg.classes_per_client} classes per client"}.get(cfg.partition, "")
+  return f"{cfg.dataset}: {cfg.partition} partition" + (f" ({detail})" if detail else "")
 
 
 def _progress(t: int, total: int, row: Dict[str, Any]) -> None:

@@ -182,9 +182,10 @@ def prepare(data_dir: Optional[str] = None, source_dir: Optional[str] = None):
     builder = _builder_class()(data_dir=out_dir, source_dir=src,
                                file_format="array_record")
     t0 = time.perf_counter()
+    tfds.disable_progress_bar()   # one log line below says what happened
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    log.warning("prepared Fashion-MNIST from %s into %s in %.1f s", src,
+    log.warning("prepared Fashion-MNIST (once) from %s into %s in %.1f s", src,
                 builder.data_dir, time.perf_counter() - t0)
   return builder
 
