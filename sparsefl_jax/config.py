@@ -85,6 +85,8 @@ class ExperimentConfig:
   # Engine.
   client_map: str = _f("vmap", "How clients are mapped.", ("vmap", "map", "chunked"))
   client_chunk_size: int = _f(2, "Clients per vmapped chunk for client_map=chunked.")
+  num_devices: int = _f(1, "Devices to shard each round's clients over (1 = none; on CPU "
+                       "set XLA_FLAGS=--xla_force_host_platform_device_count=N).")
   comm_encoding: str = _f("dense", "Byte encoding for uplink/downlink accounting.",
                           ("dense", "csr", "bitmask"))
   # Evaluation, output, reproducibility.
@@ -155,6 +157,7 @@ class ExperimentConfig:
     _at_least(self, "classes_per_client", 1)
     _at_least(self, "min_partition_size", 1)
     _at_least(self, "client_chunk_size", 1)
+    _at_least(self, "num_devices", 1)
     _at_least(self, "synthetic_classes", 2)
     _at_least(self, "synthetic_examples", 1)
     _at_least(self, "synthetic_test", 1)

@@ -18,7 +18,7 @@ from sparsefl_jax.checkpoint import Checkpointer
 from sparsefl_jax.config import ConfigError, ExperimentConfig
 from sparsefl_jax.data import preprocess
 from sparsefl_jax.federated import client as client_lib
-from sparsefl_jax.federated import evaluation, optimizers
+from sparsefl_jax.federated import evaluation, optimizers, sharding
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
 from sparsefl_jax.models import introspect
@@ -44,6 +44,7 @@ class Experiment:
   init_state: ServerState
   evaluate: Any
   test_batches: Any
+  mesh: Any = None          # the client mesh when num_devices > 1
 
 
 def build_dataset(cfg: ExperimentConfig):
@@ -95,15 +96,19 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, ds.max_examples),
       lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end, cfg.rounds),
       momentum=cfg.momentum, weight_decay=cfg.weight_decay, client_map=cfg.client_map,
-      client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding)
+      client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding,
+      num_devices=cfg.num_devices)
+  mesh = round_lib.round_mesh(round_cfg)
   step = round_lib.jit_round_step(
       round_lib.build_round_step(algorithm, model, batch_fn, round_cfg, server_opt))
   evaluate = evaluation.make_eval_fn(algorithm, model, batch_fn)
   test_batches = evaluation.pad_eval_split(ds.test_x, ds.test_y, cfg.eval_batch_size)
-  client_data = ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts)
+  client_data = sharding.replicate(ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts),
+                                   mesh)
+  state = sharding.replicate(state, mesh)
   train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), TRAINING_STREAM)
   return Experiment(cfg, ds, model, algorithm, client_data, step, train_key, state, evaluate,
-                    test_batches)
+                    test_batches, mesh)
 
 
 def _prepare_workdir(cfg: ExperimentConfig) -> None:
@@ -168,7 +173,7 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
     if os.path.exists(config_path):
       _check_resume_config(cfg, config_path)
     state, start = ckpt.restore(state)
-    state = jax.tree.map(jnp.asarray, state)
+    state = sharding.replicate(jax.tree.map(jnp.asarray, state), exp.mesh)
     writer.truncate_after(start)
     logging.info("resumed from round %d", start)
   elif ckpt.latest_round() is not None:

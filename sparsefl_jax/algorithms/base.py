@@ -55,6 +55,9 @@ class Algorithm:
   default_server_optimizer: str = "none"
 
   name = "fedavg"
+  # Whether `aggregate` is the weighted mean of uploads (so the engine may stream it chunk by
+  # chunk instead of stacking every upload); None = infer (True unless aggregate is overridden).
+  streaming_aggregate = None
 
   def __post_init__(self):
     if self.uplink not in ("weights", "delta"):

@@ -4,6 +4,11 @@ Everything happens inside one jitted function: client sampling from (sampling ke
 the gather of the sampled clients' data, local training (lax.scan) under the chosen client
 map, the uplink (with its byte count), aggregation weighted by example counts, the server
 optimizer and the method's server-side post-processing.
+
+Under 'map'/'chunked', an algorithm with the default weighted-mean aggregate streams it: a
+lax.scan over client chunks accumulates Σ n_k·upload_k, so peak memory is bounded by the
+chunk rather than the clients per round. With num_devices > 1 the clients (padded with
+zero-weight dummies) are split over a device mesh by shard_map (see `sharding`).
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -11,10 +16,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, PartitionSpec
 
 from sparsefl_jax import comm
 from sparsefl_jax.algorithms.base import Algorithm
 from sparsefl_jax.federated import client as client_lib
+from sparsefl_jax.federated import sharding
 from sparsefl_jax.federated.aggregation import weighted_mean
 from sparsefl_jax.federated.client_map import map_clients, validate_client_map
 from sparsefl_jax.federated.optimizers import ClientLRSchedule, client_optimizer
@@ -37,6 +44,8 @@ class RoundConfig:
   client_map: str = "vmap"
   client_chunk_size: int = 1
   comm_encoding: str = "dense"
+  num_devices: int = 1           # > 1: shard the clients over a mesh of that many devices
+  stream_aggregate: bool = True  # 'map'/'chunked': accumulate Σ n_k·upload_k, never stack
 
   def __post_init__(self):
     if self.num_clients < 1:
@@ -50,6 +59,13 @@ class RoundConfig:
       raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
     validate_client_map(self.client_map, self.client_chunk_size)
     comm.check_encoding(self.comm_encoding)
+    if self.num_devices < 1:
+      raise ValueError(f"num_devices={self.num_devices} must be >= 1")
+
+  @property
+  def padded_clients(self) -> int:
+    """Clients per round rounded up to a multiple of num_devices (dummies have weight 0)."""
+    return sharding.padded_count(self.clients_per_round, self.num_devices)
 
 
 def init_server_state(algorithm: Algorithm, params: Params, model_state: ModelState,
@@ -62,25 +78,93 @@ def init_server_state(algorithm: Algorithm, params: Params, model_state: ModelSt
                      algo_state=algorithm.init_state(params), sampling_key=sampling_key)
 
 
+def streams_aggregate(algorithm: Algorithm) -> bool:
+  """True when the algorithm aggregates by the default example-weighted mean of its uploads.
+
+  Then the round can accumulate Σ_k n_k·upload_k client by client (or chunk by chunk) instead
+  of stacking every upload: peak memory follows the chunk, not the clients per round. An
+  algorithm may set a `streaming_aggregate` attribute to say so explicitly.
+  """
+  flag = getattr(algorithm, "streaming_aggregate", None)
+  if flag is not None:
+    return bool(flag)
+  return type(algorithm).aggregate is Algorithm.aggregate
+
+
+def _mean_to_candidate(algorithm: Algorithm, global_params: Params, mean: Params) -> Params:
+  """What Algorithm.aggregate returns, given the weighted mean of the upload values."""
+  if algorithm.uplink == "delta":
+    return jax.tree.map(jnp.add, global_params, mean)
+  return mean
+
+
+def _weighted_sum(tree, w: jax.Array):
+  return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), tree)
+
+
+def _stream_clients(fn: Callable, xs, weights: jax.Array, chunk: int):
+  """Runs `fn` (one client -> (big, small)) chunk by chunk, accumulating Σ_k w_k·big_k.
+
+  Returns (weighted sums of `big`, stacked per-client `small`). Chunks of `chunk` clients
+  are vmapped (chunk 1: plain calls) inside a lax.scan; a remainder chunk runs after it.
+  """
+  k = weights.shape[0]
+  n_full, rem = divmod(k, chunk)
+
+  def run_block(block, w):
+    if w.shape[0] == 1:
+      big, small = fn(jax.tree.map(lambda a: a[0], block))
+      return _weighted_sum(jax.tree.map(lambda a: a[None], big), w), \
+          jax.tree.map(lambda a: a[None], small)
+    big, small = jax.vmap(fn)(block)
+    return _weighted_sum(big, w), small
+
+  one = jax.tree.map(lambda a: a[0], xs)
+  big_shape, _ = jax.eval_shape(fn, one)
+  acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), big_shape)
+  smalls = []
+  if n_full:
+    blocks = jax.tree.map(lambda a: a[:n_full * chunk].reshape((n_full, chunk) + a.shape[1:]),
+                          (xs, weights))
+
+    def body(acc, blk):
+      sums, small = run_block(*blk)
+      return jax.tree.map(jnp.add, acc, sums), small
+
+    acc, small = jax.lax.scan(body, acc, blocks)
+    smalls.append(jax.tree.map(lambda a: a.reshape((n_full * chunk,) + a.shape[2:]), small))
+  if rem:
+    tail = jax.tree.map(lambda a: a[n_full * chunk:], (xs, weights))
+    sums, small = run_block(*tail)
+    acc = jax.tree.map(jnp.add, acc, sums)
+    smalls.append(small)
+  small = smalls[0] if len(smalls) == 1 else jax.tree.map(
+      lambda *a: jnp.concatenate(a), *smalls)
+  return acc, small
+
+
 def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
                      cfg: RoundConfig,
                      server_opt: Optional[optax.GradientTransformation]) -> RoundStep:
-  """Returns the (un-jitted) pure round function; wrap it in jax.jit (see `jit_round_step`)."""
+  """Returns the (un-jitted) pure round function; wrap it in jax.jit (see `jit_round_step`).
 
-  def round_step(state: ServerState, data: ClientData, key: PRNGKey):
-    t = state.round + 1
-    ids = sample_clients(state.sampling_key, t, cfg.num_clients, cfg.clients_per_round)
-    xs, ys, ns = data.x[ids], data.y[ids], data.counts[ids]
-    round_key = jax.random.fold_in(key, t)
-    client_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
-    global_in = algorithm.broadcast(state.params, state.algo_state, t)
-    lr = cfg.lr_schedule(t)
+  With cfg.num_devices > 1 the clients are split over a device mesh (see `sharding`); pass
+  the client data through `sharding.replicate(data, round_mesh(cfg))` once, so it is not
+  copied to every device each round.
+  """
+  k_real = cfg.clients_per_round
+  k_pad = cfg.padded_clients
+  stream = cfg.stream_aggregate and cfg.client_map != "vmap" and streams_aggregate(algorithm)
+  mesh = round_mesh(cfg)
+
+  def local_round(global_in, model_state, algo_state, lr, t, xs, ys, ns, keys):
+    """Trains the given clients; returns (aggregate part, per-client scalars)."""
     make_opt = lambda: client_optimizer(lr, cfg.momentum, cfg.weight_decay)
 
     def one_client(inputs):
       x, y, n, k = inputs
       res = client_lib.local_train(algorithm, model, batch_fn, cfg.local, make_opt, global_in,
-                                   state.model_state, state.algo_state, x, y, n, k, t)
+                                   model_state, algo_state, x, y, n, k, t)
       upload = algorithm.client_upload(global_in, res.params, res.client_state, t)
       up = {"bytes": comm.tree_bytes(upload.values, cfg.comm_encoding),
             "nnz": comm.tree_nnz(upload.values), "mask_bits": jnp.int32(0)}
@@ -90,14 +174,49 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
                                         for m in jax.tree.leaves(upload.mask))
         up["mask_bits"] = jnp.int32(mask_size)
       cmetrics = algorithm.client_metrics(global_in, upload, res.client_state)
-      return upload, res.model_state, res.loss_sum, res.num_trained, up, cmetrics
+      small = (res.loss_sum, res.num_trained, up, cmetrics)
+      return (upload.values if stream else upload, res.model_state), small
 
-    uploads, mstates, loss_sums, num_trained, up, cmetrics = map_clients(
-        one_client, (xs, ys, ns, client_keys), cfg.client_map, cfg.client_chunk_size)
+    inputs = (xs, ys, ns, keys)
+    if stream:
+      chunk = 1 if cfg.client_map == "map" else cfg.client_chunk_size
+      sums, small = _stream_clients(one_client, inputs, ns.astype(jnp.float32), chunk)
+      if mesh is not None:
+        sums = jax.lax.psum(sums, sharding.CLIENT_AXIS)
+      return sums, small
+    return map_clients(one_client, inputs, cfg.client_map, cfg.client_chunk_size)
 
-    weights = ns.astype(jnp.float32)
-    candidate = algorithm.aggregate(global_in, uploads, weights, state.algo_state, t)
-    model_state = weighted_mean(mstates, weights)
+  if mesh is not None:
+    rep, per_client = PartitionSpec(), PartitionSpec(sharding.CLIENT_AXIS)
+    local_round = jax.shard_map(
+        local_round, mesh=mesh, in_specs=(rep,) * 5 + (per_client,) * 4,
+        out_specs=(rep if stream else per_client, per_client), check_vma=False)
+
+  def round_step(state: ServerState, data: ClientData, key: PRNGKey):
+    t = state.round + 1
+    ids = sample_clients(state.sampling_key, t, cfg.num_clients, k_real)
+    ns_real = data.counts[ids]
+    ids_p, ns = sharding.pad_clients(ids, ns_real, k_pad)   # zero-weight dummies
+    xs, ys = data.x[ids_p], data.y[ids_p]
+    round_key = jax.random.fold_in(key, t)
+    client_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids_p)
+    global_in = algorithm.broadcast(state.params, state.algo_state, t)
+    lr = cfg.lr_schedule(t)
+
+    big, small = local_round(global_in, state.model_state, state.algo_state, lr, t,
+                             xs, ys, ns, client_keys)
+    loss_sums, num_trained, up, cmetrics = jax.tree.map(lambda a: a[:k_real], small)
+    weights = ns_real.astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(weights), 1e-12)
+    if stream:
+      value_sums, mstate_sums = big
+      mean = jax.tree.map(lambda s: s / total.astype(s.dtype), value_sums)
+      candidate = _mean_to_candidate(algorithm, global_in, mean)
+      model_state = jax.tree.map(lambda s: s / total.astype(s.dtype), mstate_sums)
+    else:
+      uploads, mstates = jax.tree.map(lambda a: a[:k_real], big)
+      candidate = algorithm.aggregate(global_in, uploads, weights, state.algo_state, t)
+      model_state = weighted_mean(mstates, weights)
     if server_opt is None:
       params, opt_state = candidate, state.opt_state
     else:
@@ -110,7 +229,7 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
         "clients": ids,
         "lr": lr,
         "train_loss": jnp.sum(loss_sums) / jnp.maximum(jnp.sum(num_trained), 1.0),
-        "num_examples": jnp.sum(ns),
+        "num_examples": jnp.sum(ns_real),
         "uplink_bytes_per_client": up["bytes"],
         "uplink_nnz_per_client": up["nnz"],
         "uplink_mask_bits_per_client": up["mask_bits"],
@@ -126,6 +245,11 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
     return new_state, metrics
 
   return round_step
+
+
+def round_mesh(cfg: RoundConfig) -> Optional[Mesh]:
+  """The client mesh of a sharded round (None when cfg.num_devices == 1)."""
+  return sharding.client_mesh(cfg.num_devices) if cfg.num_devices > 1 else None
 
 
 def jit_round_step(round_step: RoundStep, donate: bool = True) -> RoundStep:

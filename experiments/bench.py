@@ -1,0 +1,571 @@
+"""Round-throughput benchmark of the jitted federated round (see experiments/bench_README.md).
+
+For each workload (W0 fmnist_fc, W1 leaf_cnn, W2 resnet18) and algorithm it times one whole
+round under each client map (vmap, map, chunked) and a SEQUENTIAL baseline (a Python loop
+over clients calling a jitted per-client `client.local_train`, then a jitted aggregation),
+side by side in one process, with synthetic data of the right shapes. Then: scaling in
+clients per round (time, XLA buffer memory, compile counts), the streamed vs stacked
+aggregate's memory, and rounds/s on 1, 2, 4 simulated CPU devices (one subprocess each).
+
+Reported per row: seconds per round (median of --rounds after --warmup), compile seconds,
+GFLOP/s and the fraction of the jnp.dot 2048^3 float32 peak measured in the same run, XLA
+temp buffer MB (memory_analysis of the compiled round), peak RSS while the rows' rounds ran.
+
+FLOPs are counted ANALYTICALLY FROM XLA: cost_analysis() of one compiled local step (one
+client, one batch: forward, backward, optimizer update; no loop, so nothing is undercounted)
+times the number of real local steps in the round (Σ_k epochs·ceil(n_k/B)). The compiled
+round's own cost_analysis would count each while-loop body once. Aggregation FLOPs (~K·|θ|)
+are ignored; dummy (padding) clients are not counted as work.
+
+  python experiments/bench.py               # the full benchmark (< 15 min on a quiet machine)
+  python experiments/bench.py --quick       # a short validation run (~2-3 min)
+"""
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsefl_jax import algorithms as algorithms_lib
+from sparsefl_jax import models
+from sparsefl_jax.config import ExperimentConfig
+from sparsefl_jax.federated import client as client_lib
+from sparsefl_jax.federated import round as round_lib
+from sparsefl_jax.federated import sharding
+from sparsefl_jax.federated.aggregation import weighted_mean
+from sparsefl_jax.federated.optimizers import ClientLRSchedule, client_optimizer
+from sparsefl_jax.federated.sampling import sample_clients
+from sparsefl_jax.federated.state import ClientData, ServerState
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("workloads", ["W0", "W1", "W2"], "Workloads for the main table.")
+flags.DEFINE_list("algorithms", ["fedavg"], "Algorithms (unknown/unavailable ones are skipped "
+                  "with a note), e.g. fedavg,swat,sparsyfed.")
+flags.DEFINE_float("sparsity", 0.9, "Sparsity passed to sparse algorithms' configs.")
+flags.DEFINE_list("client_maps", ["vmap", "map", "chunked"], "Client maps to time.")
+flags.DEFINE_integer("chunk_size", 5, "Clients per vmapped chunk for client_map=chunked.")
+flags.DEFINE_bool("sequential", True, "Also time the sequential per-client baseline.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds per row (median reported).")
+flags.DEFINE_integer("warmup", 1, "Untimed rounds first (the first one compiles).")
+flags.DEFINE_list("w2_maps", ["chunked"], "Client maps for W2 (a ResNet-18 round is ~1 min "
+                  "on 2 cores; vmap of 10 clients needs ~9 GB).")
+flags.DEFINE_integer("w2_rounds", 2, "Timed rounds for W2 rows (2 keeps the default run under "
+                     "15 min; use 5 for the full protocol).")
+flags.DEFINE_bool("w2_sequential", False, "Also time the sequential baseline on W2 (+3 min).")
+flags.DEFINE_bool("scaling", True, "Run the clients-per-round scaling sweep.")
+flags.DEFINE_list("scaling_workloads", ["W0", "W1"], "Workloads of the scaling sweep.")
+flags.DEFINE_list("scaling_clients", ["1", "2", "4", "8", "16", "32", "64"],
+                  "Clients per round in the sweep.")
+flags.DEFINE_list("scaling_maps", ["chunked"], "Client maps of the sweep.")
+flags.DEFINE_integer("scaling_rounds", 2, "Timed rounds per sweep point (after 1 warm-up).")
+flags.DEFINE_list("memory_clients", ["64"], "K for the streamed-vs-stacked memory check "
+                  "(compile only, W1, chunked and map).")
+flags.DEFINE_list("devices", ["1", "2", "4"], "Simulated CPU device counts (subprocesses); "
+                  "empty to skip.")
+flags.DEFINE_string("device_workload", "W1", "Workload of the device sweep.")
+flags.DEFINE_integer("device_clients", 8, "Clients per round in the device sweep.")
+flags.DEFINE_string("device_map", "vmap", "Client map in the device sweep.")
+flags.DEFINE_integer("device_rounds", 3, "Timed rounds per device-sweep point.")
+flags.DEFINE_bool("quick", False, "Short validation run: W0 and W1 at 2 clients, 2 rounds, "
+                  "small sweeps (W0 only), 1 vs 2 devices on W0.")
+flags.DEFINE_string("out", "bench_results.json", "JSON output path.")
+flags.DEFINE_string("child", "", "Internal: run one device-sweep point and print JSON.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  name: str
+  model: str
+  num_classes: int
+  shape: tuple
+  num_clients: int
+  clients_per_round: int
+  examples: int
+  epochs: int
+  batch: int
+  lr: float = 0.01
+
+
+WORKLOADS = {
+    "W0": Workload("W0", "fmnist_fc", 10, (28, 28, 1), 100, 10, 600, 4, 32),
+    "W1": Workload("W1", "leaf_cnn", 62, (28, 28, 1), 10, 10, 256, 1, 32),
+    "W2": Workload("W2", "resnet18", 10, (32, 32, 3), 10, 10, 128, 1, 32),
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class Compiles:
+  """Counts XLA backend compilations (and their seconds) via jax.monitoring."""
+
+  def __init__(self):
+    self.count, self.seconds = 0, 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._on)
+
+  def _on(self, event: str, duration: float, **kw) -> None:
+    del kw
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+      self.seconds += duration
+
+
+COMPILES: Optional[Compiles] = None
+
+
+class RssPeak:
+  """Samples this process's RSS every 10 ms in a thread; `peak_mb` is the max seen."""
+
+  def __init__(self):
+    import psutil
+    self._proc = psutil.Process()
+    self.peak = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      self.peak = max(self.peak, self._proc.memory_info().rss)
+      time.sleep(0.01)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *a):
+    self._stop.set()
+    self._thread.join()
+
+  @property
+  def peak_mb(self) -> float:
+    return self.peak / 2**20
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a jitted float32 jnp.dot n^3 (median), the machine's reference peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  f(a, b).block_until_ready()
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    ts.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def _cost_flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  return float(ca.get("flops", 0.0))
+
+
+def _temp_mb(compiled) -> float:
+  ma = compiled.memory_analysis()
+  return ma.temp_size_in_bytes / 2**20 if ma is not None else float("nan")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclasses.dataclass
+class Setup:
+  """A workload with one algorithm: model, data, initial state and round pieces."""
+  wl: Workload
+  algorithm: Any
+  model: Any
+  batch_fn: Callable
+  data: ClientData
+  state: ServerState
+  local: client_lib.LocalConfig
+  lr: ClientLRSchedule
+
+
+def _batch_fn(x, key, train):
+  del key, train
+  return (x.astype(jnp.float32) / 255.0 - 0.5) / 0.25
+
+
+def build_setup(wl: Workload, algo_name: str, num_clients: Optional[int] = None) -> Setup:
+  """Synthetic uint8 images, random labels; every client holds `wl.examples` examples."""
+  p = num_clients or wl.num_clients
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (p, wl.examples) + wl.shape, dtype=np.uint8)
+  y = rng.integers(0, wl.num_classes, (p, wl.examples)).astype(np.int32)
+  data = ClientData.from_arrays(x, y, np.full(p, wl.examples, np.int32))
+  cfg = ExperimentConfig(algorithm=algo_name, model=wl.model, sparsity=FLAGS.sparsity)
+  algorithm = algorithms_lib.get_algorithm(algo_name, cfg)
+  model = models.get_model(wl.model, wl.num_classes)
+  dummy = jnp.zeros((1,) + wl.shape, jnp.float32)
+  variables = dict(jax.jit(lambda k: model.init(k, dummy, train=False))(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}))
+  op = getattr(algorithm, "layer_op", lambda *a: None)(variables["params"], wl.model)
+  if op is not None:   # sparse methods route every weight layer through their op
+    model = models.get_model(wl.model, wl.num_classes, op=op)
+    variables = dict(jax.jit(lambda k: model.init(k, dummy, train=False))(
+        {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}))
+  params = algorithm.init_params(variables.pop("params"), jax.random.PRNGKey(2))
+  state = round_lib.init_server_state(algorithm, params, variables, None, jax.random.PRNGKey(3))
+  local = client_lib.LocalConfig(wl.epochs, wl.batch, wl.examples)
+  return Setup(wl, algorithm, model, _batch_fn, data, state, local, ClientLRSchedule(wl.lr))
+
+
+def step_flops(s: Setup) -> float:
+  """XLA cost_analysis FLOPs of ONE local step of one client (a 1-step local_train)."""
+  one = client_lib.LocalConfig(1, s.wl.batch, s.wl.batch)
+
+  def f(params, mstate, algo_state, x, y):
+    res = client_lib.local_train(
+        s.algorithm, s.model, s.batch_fn, one, lambda: client_optimizer(0.01), params, mstate,
+        algo_state, x, y, jnp.int32(s.wl.batch), jax.random.PRNGKey(0), jnp.int32(1))
+    return res.params
+
+  st = s.state
+  args = (st.params, st.model_state, st.algo_state, s.data.x[0, :s.wl.batch],
+          s.data.y[0, :s.wl.batch])
+  return _cost_flops(jax.jit(f).lower(*args).compile())
+
+
+def round_flops(s: Setup, k: int, per_step: float) -> float:
+  return per_step * k * s.local.num_steps   # every client holds wl.examples examples
+
+
+def round_config(s: Setup, k: int, client_map: str, num_devices: int = 1,
+                 stream: bool = True) -> round_lib.RoundConfig:
+  return round_lib.RoundConfig(
+      num_clients=s.data.num_clients, clients_per_round=k, local=s.local, lr_schedule=s.lr,
+      client_map=client_map, client_chunk_size=min(FLAGS.chunk_size, k),
+      num_devices=num_devices, stream_aggregate=stream)
+
+
+def _fresh(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def time_engine(s: Setup, k: int, client_map: str, rounds: int, warmup: int,
+                num_devices: int = 1) -> Dict[str, Any]:
+  """Times the jitted round_step; checks that timed rounds trigger no compilation."""
+  cfg = round_config(s, k, client_map, num_devices)
+  step = round_lib.jit_round_step(round_lib.build_round_step(s.algorithm, s.model, s.batch_fn,
+                                                             cfg, None))
+  data, state = s.data, _fresh(s.state)
+  if num_devices > 1:
+    mesh = round_lib.round_mesh(cfg)
+    data, state = sharding.replicate(data, mesh), sharding.replicate(state, mesh)
+  key = jax.random.PRNGKey(4)
+  c0, cs0 = COMPILES.count, COMPILES.seconds
+  t = time.perf_counter()
+  compiled = step.lower(state, data, key).compile()
+  compile_s = time.perf_counter() - t
+  first_params = None
+  for i in range(warmup):
+    state, _ = step(state, data, key)
+    if i == 0:
+      first_params = jax.device_get(state.params)
+  c1 = COMPILES.count
+  times = []
+  with RssPeak() as rss:
+    for _ in range(rounds):
+      t = time.perf_counter()
+      state, metrics = step(state, data, key)
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - t)
+  return {"seconds": statistics.median(times), "times": times, "compile_s": compile_s,
+          "compiles": c1 - c0, "compiles_during_timing": COMPILES.count - c1,
+          "backend_compile_s": COMPILES.seconds - cs0, "jit_cache_size": step._cache_size(),
+          "xla_temp_mb": _temp_mb(compiled), "rss_peak_mb": rss.peak_mb,
+          "first_params": first_params}
+
+
+def build_sequential(s: Setup, k: int):
+  """A per-client framework: jitted server prep, a Python loop of jitted clients, jitted
+  aggregation. Returns round(state, data, key) -> state (the same math as round_step)."""
+  alg, cfg = s.algorithm, round_config(s, k, "vmap")
+
+  @jax.jit
+  def prep(state, key):
+    t = state.round + 1
+    ids = sample_clients(state.sampling_key, t, cfg.num_clients, k)
+    return t, ids, alg.broadcast(state.params, state.algo_state, t), cfg.lr_schedule(t), \
+        jax.random.fold_in(key, t)
+
+  @jax.jit
+  def one_client(global_in, mstate, algo_state, lr, t, data, cid, round_key):
+    res = client_lib.local_train(
+        alg, s.model, s.batch_fn, cfg.local, lambda: client_optimizer(lr), global_in, mstate,
+        algo_state, data.x[cid], data.y[cid], data.counts[cid],
+        jax.random.fold_in(round_key, cid), t)
+    return alg.client_upload(global_in, res.params, res.client_state, t), res.model_state
+
+  @jax.jit
+  def aggregate(state, global_in, t, weights, uploads, mstates):
+    uploads = jax.tree.map(lambda *a: jnp.stack(a), *uploads)
+    mstates = jax.tree.map(lambda *a: jnp.stack(a), *mstates)
+    candidate = alg.aggregate(global_in, uploads, weights, state.algo_state, t)
+    params, algo_state = alg.server_post(candidate, state.algo_state, t)
+    return state._replace(round=t, params=params, model_state=weighted_mean(mstates, weights),
+                          algo_state=algo_state)
+
+  def run(state, data, key):
+    t, ids, global_in, lr, round_key = prep(state, key)
+    outs = [one_client(global_in, state.model_state, state.algo_state, lr, t, data, cid,
+                       round_key) for cid in np.asarray(ids)]
+    return aggregate(state, global_in, t, data.counts[ids].astype(jnp.float32),
+                     [o[0] for o in outs], [o[1] for o in outs])
+
+  return run
+
+
+def time_sequential(s: Setup, k: int, rounds: int, warmup: int) -> Dict[str, Any]:
+  run = build_sequential(s, k)
+  state, key = _fresh(s.state), jax.random.PRNGKey(4)
+  c0, cs0 = COMPILES.count, COMPILES.seconds
+  t = time.perf_counter()
+  state = run(state, s.data, key)
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t
+  first_params = jax.device_get(state.params)
+  for _ in range(warmup - 1):
+    state = run(state, s.data, key)
+  c1 = COMPILES.count
+  times = []
+  with RssPeak() as rss:
+    for _ in range(rounds):
+      t = time.perf_counter()
+      state = run(state, s.data, key)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t)
+  med = statistics.median(times)
+  return {"seconds": med, "times": times, "compile_s": max(first - med, 0.0),
+          "compiles": c1 - c0, "compiles_during_timing": COMPILES.count - c1,
+          "backend_compile_s": COMPILES.seconds - cs0, "jit_cache_size": None,
+          "xla_temp_mb": float("nan"), "rss_peak_mb": rss.peak_mb,
+          "first_params": first_params}
+
+
+def _max_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def main_table(workloads: Sequence[Workload], algos: Sequence[str], peak: float,
+               rounds: int, warmup: int) -> List[Dict[str, Any]]:
+  rows = []
+  for wl in workloads:
+    for algo in algos:
+      s = build_setup(wl, algo)
+      per_step = step_flops(s)
+      flops = round_flops(s, wl.clients_per_round, per_step)
+      maps = FLAGS.w2_maps if wl.name == "W2" else FLAGS.client_maps
+      n = FLAGS.w2_rounds if wl.name == "W2" and not FLAGS.quick else rounds
+      seq = FLAGS.sequential and (wl.name != "W2" or FLAGS.w2_sequential)
+      modes = list(maps) + (["sequential"] if seq else [])
+      ref_params, base = None, {}
+      for mode in modes:
+        if mode == "sequential":
+          r = time_sequential(s, wl.clients_per_round, n, warmup)
+        else:
+          r = time_engine(s, wl.clients_per_round, mode, n, warmup)
+        first = r.pop("first_params")
+        if ref_params is None:
+          ref_params = first
+        r["max_abs_diff_vs_first_mode"] = _max_diff(ref_params, first)
+        r.update(workload=wl.name, model=wl.model, algorithm=algo, mode=mode,
+                 clients=wl.clients_per_round, round_gflop=flops / 1e9,
+                 gflops=flops / r["seconds"] / 1e9)
+        r["peak_fraction"] = r["gflops"] / peak
+        base[mode] = r["seconds"]
+        rows.append(r)
+        _print_row(r)
+      if "sequential" in base:
+        for r in rows[-len(modes):]:
+          r["speedup_vs_sequential"] = base["sequential"] / r["seconds"]
+  return rows
+
+
+def scaling(workloads: Sequence[Workload], algo: str, peak: float) -> List[Dict[str, Any]]:
+  rows = []
+  ks = [int(k) for k in FLAGS.scaling_clients]
+  for wl in workloads:
+    s = build_setup(wl, algo, num_clients=max(max(ks), wl.num_clients))
+    per_step = step_flops(s)
+    for mode in FLAGS.scaling_maps:
+      for k in ks:
+        r = time_engine(s, k, mode, FLAGS.scaling_rounds, 1)
+        r.pop("first_params")
+        flops = round_flops(s, k, per_step)
+        r.update(workload=wl.name, algorithm=algo, mode=mode, clients=k,
+                 gflops=flops / r["seconds"] / 1e9, seconds_per_client=r["seconds"] / k)
+        r["peak_fraction"] = r["gflops"] / peak
+        rows.append(r)
+        print(f"  scaling {wl.name} {mode:8s} K={k:3d}: {r['seconds']:8.3f} s/round "
+              f"({r['seconds_per_client']:.3f} s/client) {r['gflops']:6.1f} GFLOP/s "
+              f"temp {r['xla_temp_mb']:8.1f} MB  compiles in timed rounds: "
+              f"{r['compiles_during_timing']}", flush=True)
+  return rows
+
+
+def memory_check(algo: str) -> List[Dict[str, Any]]:
+  """XLA temp buffer MB of the compiled W1 round, streamed vs stacked aggregate."""
+  rows = []
+  wl = WORKLOADS["W1"]
+  ks = [int(k) for k in FLAGS.memory_clients]
+  s = build_setup(wl, algo, num_clients=max(ks))
+  for mode in ("chunked", "map"):
+    for k in ks:
+      for stream in (True, False):
+        cfg = round_config(s, k, mode, stream=stream)
+        step = round_lib.jit_round_step(round_lib.build_round_step(
+            s.algorithm, s.model, s.batch_fn, cfg, None))
+        compiled = step.lower(s.state, s.data, jax.random.PRNGKey(0)).compile()
+        rows.append({"workload": "W1", "mode": mode, "clients": k, "stream": stream,
+                     "xla_temp_mb": _temp_mb(compiled)})
+        print(f"  memory W1 {mode:8s} K={k:3d} {'streamed' if stream else 'stacked ':8s}: "
+              f"XLA temp {rows[-1]['xla_temp_mb']:8.1f} MB", flush=True)
+  return rows
+
+
+def device_sweep(counts: Sequence[int]) -> List[Dict[str, Any]]:
+  rows = []
+  for d in counts:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}",
+               JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child={d}",
+           f"--device_workload={FLAGS.device_workload}",
+           f"--device_clients={FLAGS.device_clients}", f"--device_map={FLAGS.device_map}",
+           f"--rounds={FLAGS.device_rounds}", f"--chunk_size={FLAGS.chunk_size}",
+           ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
+    if proc.returncode != 0 or not lines:
+      print(f"  devices={d}: FAILED\n{proc.stderr[-3000:]}")
+      continue
+    r = json.loads(lines[-1][len("CHILD "):])
+    rows.append(r)
+    print(f"  devices={d}: {r['seconds']:.3f} s/round = {1 / r['seconds']:.3f} rounds/s "
+          f"({r['clients']} clients padded to {r['padded_clients']}, {r['mode']})", flush=True)
+  if rows:
+    for r in rows:
+      r["speedup_vs_1_device"] = rows[0]["seconds"] / r["seconds"]
+  return rows
+
+
+def child(num_devices: int) -> None:
+  """One device-sweep point, in a process started with that many simulated devices."""
+  global COMPILES
+  COMPILES = Compiles()
+  wl = WORKLOADS[FLAGS.device_workload]
+  k = FLAGS.device_clients
+  s = build_setup(wl, "fedavg", num_clients=max(k, wl.num_clients))
+  r = time_engine(s, k, FLAGS.device_map, FLAGS.rounds, 1, num_devices=num_devices)
+  r.pop("first_params")
+  r.update(devices=num_devices, jax_devices=jax.device_count(), workload=wl.name,
+           mode=FLAGS.device_map, clients=k,
+           padded_clients=sharding.padded_count(k, num_devices))
+  print("CHILD " + json.dumps(r))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _print_row(r: Dict[str, Any]) -> None:
+  print(f"  {r['workload']} {r['algorithm']:9s} {r['mode']:10s} {r['seconds']:8.3f} s/round "
+        f"compile {r['compile_s']:6.1f} s  {r['gflops']:6.1f} GFLOP/s "
+        f"({100 * r['peak_fraction']:4.1f}% peak)  temp {r['xla_temp_mb']:8.1f} MB  "
+        f"RSS {r['rss_peak_mb']:7.0f} MB  Δ {r['max_abs_diff_vs_first_mode']:.1e}  "
+        f"recompiles {r['compiles_during_timing']}", flush=True)
+
+
+def print_table(rows: List[Dict[str, Any]]) -> None:
+  hdr = (f"| workload | algorithm | map | s/round | compile s | GFLOP/s | % peak | "
+         f"× vs sequential | XLA temp MB | peak RSS MB | max Δ params |")
+  print(hdr)
+  print("|" + "---|" * 11)
+  for r in rows:
+    sp = r.get("speedup_vs_sequential")
+    print(f"| {r['workload']} {r['model']} | {r['algorithm']} | {r['mode']} | "
+          f"{r['seconds']:.3f} | {r['compile_s']:.1f} | {r['gflops']:.1f} | "
+          f"{100 * r['peak_fraction']:.1f} | {sp:.2f} | {r['xla_temp_mb']:.0f} | "
+          f"{r['rss_peak_mb']:.0f} | {r['max_abs_diff_vs_first_mode']:.1e} |"
+          if sp is not None else f"| {r['workload']} | {r['algorithm']} | {r['mode']} | "
+          f"{r['seconds']:.3f} | {r['compile_s']:.1f} | {r['gflops']:.1f} | "
+          f"{100 * r['peak_fraction']:.1f} | - | {r['xla_temp_mb']:.0f} | "
+          f"{r['rss_peak_mb']:.0f} | {r['max_abs_diff_vs_first_mode']:.1e} |")
+
+
+def main(argv) -> None:
+  del argv
+  global COMPILES
+  if FLAGS.child:
+    child(int(FLAGS.child))
+    return
+  COMPILES = Compiles()
+  start = time.perf_counter()
+  if FLAGS.quick:
+    for name in ("W0", "W1"):
+      WORKLOADS[name] = dataclasses.replace(WORKLOADS[name], clients_per_round=2)
+    FLAGS.workloads = [w for w in FLAGS.workloads if w != "W2"]
+    FLAGS.client_maps = ["vmap", "chunked"]
+    FLAGS.chunk_size = 2
+    FLAGS.scaling_workloads = ["W0"]
+    FLAGS.scaling_clients = ["1", "2", "4", "8"]
+    FLAGS.memory_clients = ["8"]
+    FLAGS.devices = ["1", "2"]
+    FLAGS.device_workload, FLAGS.device_clients, FLAGS.device_rounds = "W0", 4, 2
+    rounds, warmup = 2, 1
+  else:
+    rounds, warmup = FLAGS.rounds, FLAGS.warmup
+  algos, skipped = [], []
+  for a in FLAGS.algorithms:
+    (algos if a in algorithms_lib.ALGORITHMS else skipped).append(a)
+  for a in skipped:
+    print(f"NOTE: algorithm {a!r} is not available in this checkout; skipped "
+          f"(available: {list(algorithms_lib.ALGORITHMS)})")
+  print(f"jax {jax.__version__}, {jax.device_count()} device(s), {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()}")
+  peak = matmul_peak()
+  print(f"matmul peak (jnp.dot 2048^3 f32): {peak:.1f} GFLOP/s", flush=True)
+  results: Dict[str, Any] = {"jax": jax.__version__, "matmul_peak_gflops": peak,
+                             "skipped_algorithms": skipped, "quick": FLAGS.quick,
+                             "flop_count": "XLA cost_analysis of one local step x real steps"}
+  wls = [WORKLOADS[w] for w in FLAGS.workloads]
+  results["rounds"] = main_table(wls, algos, peak, rounds, warmup)
+  if FLAGS.scaling and algos:
+    print("scaling in clients per round:")
+    results["scaling"] = scaling([WORKLOADS[w] for w in FLAGS.scaling_workloads], algos[0],
+                                 peak)
+    print("streamed vs stacked aggregate (XLA temp buffers of the compiled round):")
+    results["memory"] = memory_check(algos[0])
+  if FLAGS.devices:
+    print("simulated CPU devices (one subprocess each):")
+    results["devices"] = device_sweep([int(d) for d in FLAGS.devices])
+  results["matmul_peak_gflops_end"] = matmul_peak()
+  results["total_seconds"] = time.perf_counter() - start
+  results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print()
+  print_table(results["rounds"])
+  print(f"\nmatmul peak {peak:.1f} GFLOP/s at start, "
+        f"{results['matmul_peak_gflops_end']:.1f} at end; total "
+        f"{results['total_seconds']:.0f} s; max RSS {results['max_rss_mb']:.0f} MB")
+  with open(FLAGS.out, "w") as f:
+    json.dump(results, f, indent=1, default=float)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
