@@ -1,4 +1,4 @@
-"""Round-throughput benchmark of the jitted federated round (see experiments/bench_README.md).
+"""Round-throughput benchmark of the jitted federated round (README "Performance", BUILD.md).
 
 For each workload (W0 fmnist_fc, W1 leaf_cnn, W2 resnet18) and algorithm it times one whole
 round under each client map (vmap, map, chunked) and a SEQUENTIAL baseline (a Python loop

@@ -168,6 +168,7 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
   metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
   ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
   writer = MetricsWriter(metrics_path)
+  lead = jax.process_index() == 0   # multi-host: one process writes files (orbax coordinates)
   state = exp.init_state
   if cfg.resume and ckpt.latest_round() is not None:
     if os.path.exists(config_path):
@@ -182,9 +183,10 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
                       "--workdir")
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
-  with open(config_path, "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
-  if cfg.plot_partition:
+  if lead:
+    with open(config_path, "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+  if cfg.plot_partition and lead:
     from sparsefl_jax import plots  # matplotlib only when asked for
     plots.plot_label_distribution(exp.dataset.label_counts(),
                                   os.path.join(cfg.workdir, "label_distribution.png"),
@@ -208,12 +210,13 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
       ev = exp.evaluate(state.params, state.model_state, state.algo_state, *exp.test_batches)
       row["test_loss"] = float(ev["loss"])
       row["test_accuracy"] = float(ev["accuracy"])
-    writer.write(row)
-    if cfg.mask_every and t % cfg.mask_every == 0:
+    if lead:
+      writer.write(row)
+    if cfg.mask_every and t % cfg.mask_every == 0 and lead:
       save_global_mask(os.path.join(cfg.workdir, "masks"), t, state.params)
     if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last:
       ckpt.save(t, state)
-    if cfg.progress:
+    if cfg.progress and lead:
       _progress(t, cfg.rounds, row)
   ckpt.close()
   if cfg.progress and row:
