@@ -39,6 +39,7 @@ import numpy as np
 
 from sparsefl_jax import algorithms as algorithms_lib
 from sparsefl_jax import models
+from sparsefl_jax.models import introspect
 from sparsefl_jax.config import ExperimentConfig
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import round as round_lib
@@ -211,12 +212,13 @@ def build_setup(wl: Workload, algo_name: str, num_clients: Optional[int] = None)
   dummy = jnp.zeros((1,) + wl.shape, jnp.float32)
   variables = dict(jax.jit(lambda k: model.init(k, dummy, train=False))(
       {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}))
-  op = getattr(algorithm, "layer_op", lambda *a: None)(variables["params"], wl.model)
-  if op is not None:   # sparse methods route every weight layer through their op
-    model = models.get_model(wl.model, wl.num_classes, op=op)
-    variables = dict(jax.jit(lambda k: model.init(k, dummy, train=False))(
-        {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}))
   params = algorithm.init_params(variables.pop("params"), jax.random.PRNGKey(2))
+  # As train.build_experiment: bind the layer order; sparse methods route every weight layer
+  # through their op (SWAT's top-K, SparsyFed's Powerprop + activation pruning).
+  order = introspect.weight_layer_order(model, {"params": params, **variables}, dummy)
+  algorithm, op = algorithm.setup(params, order)
+  if op is not None:
+    model = models.get_model(wl.model, wl.num_classes, op=op)
   state = round_lib.init_server_state(algorithm, params, variables, None, jax.random.PRNGKey(3))
   local = client_lib.LocalConfig(wl.epochs, wl.batch, wl.examples)
   return Setup(wl, algorithm, model, _batch_fn, data, state, local, ClientLRSchedule(wl.lr))
