@@ -54,6 +54,8 @@ flags.DEFINE_list("workloads", ["W0", "W1", "W2"], "Workloads for the main table
 flags.DEFINE_list("algorithms", ["fedavg"], "Algorithms (unknown/unavailable ones are skipped "
                   "with a note), e.g. fedavg,swat,sparsyfed.")
 flags.DEFINE_float("sparsity", 0.9, "Sparsity passed to sparse algorithms' configs.")
+flags.DEFINE_integer("topk_period", 1, "SWAT/ZeroFL: recompute top-K thresholds every N local "
+                     "steps (SWAT's topk_period; 1 = every step).")
 flags.DEFINE_list("client_maps", ["vmap", "map", "chunked"], "Client maps to time.")
 flags.DEFINE_integer("chunk_size", 5, "Clients per vmapped chunk for client_map=chunked.")
 flags.DEFINE_bool("sequential", True, "Also time the sequential per-client baseline.")
@@ -206,7 +208,8 @@ def build_setup(wl: Workload, algo_name: str, num_clients: Optional[int] = None)
   x = rng.integers(0, 256, (p, wl.examples) + wl.shape, dtype=np.uint8)
   y = rng.integers(0, wl.num_classes, (p, wl.examples)).astype(np.int32)
   data = ClientData.from_arrays(x, y, np.full(p, wl.examples, np.int32))
-  cfg = ExperimentConfig(algorithm=algo_name, model=wl.model, sparsity=FLAGS.sparsity)
+  cfg = ExperimentConfig(algorithm=algo_name, model=wl.model, sparsity=FLAGS.sparsity,
+                         topk_period=FLAGS.topk_period)
   algorithm = algorithms_lib.get_algorithm(algo_name, cfg)
   model = models.get_model(wl.model, wl.num_classes)
   dummy = jnp.zeros((1,) + wl.shape, jnp.float32)
