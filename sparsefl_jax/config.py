@@ -195,13 +195,16 @@ class ExperimentConfig:
     _at_least(self, "block_size", 1)
     if self.vote_threshold != -1 and self.vote_threshold < 1:
       raise ConfigError(f"vote_threshold={self.vote_threshold} must be -1 (floor(K/2)) or >= 1")
-    block_methods = ("swat", "zerofl")
+    block_methods = ("swat", "zerofl", "topk", "sparsyfed", "fedsparsify_global",
+                     "fedsparsify_local")
     if self.sparsity_structure == "block" and self.algorithm not in block_methods:
       raise ConfigError(f"sparsity_structure='block' is implemented for algorithms "
                         f"{list(block_methods)}; got algorithm={self.algorithm!r}")
-    if self.matmul_impl == "pallas" and self.sparsity_structure != "block":
-      raise ConfigError("matmul_impl='pallas' needs sparsity_structure='block' (unstructured "
-                        "masks cannot skip work)")
+    if self.matmul_impl == "pallas" and (self.sparsity_structure != "block"
+                                         or self.algorithm not in ("swat", "zerofl")):
+      raise ConfigError(f"matmul_impl='pallas' needs sparsity_structure='block' and algorithm "
+                        f"swat or zerofl (got {self.sparsity_structure!r}, "
+                        f"{self.algorithm!r})")
     if not self.beta >= 1.0 or not math.isfinite(self.beta):
       raise ConfigError(f"beta={self.beta} must be a finite number >= 1")
     if self.server_lr is not None:

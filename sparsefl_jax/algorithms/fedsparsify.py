@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from sparsefl_jax import comm
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.config import ConfigError, ExperimentConfig
+from sparsefl_jax.sparsity import block
 from sparsefl_jax.sparsity import masks as masks_lib
 from sparsefl_jax.sparsity.schedules import PolynomialSchedule
 from sparsefl_jax.types import Params, PyTree, Scalar
@@ -72,6 +73,8 @@ class _MaskedTraining(Algorithm):
   schedule: PolynomialSchedule = PolynomialSchedule(0.9, 200)
   per_layer: bool = False
   method: str = "bisection"
+  structure: str = "unstructured"   # 'block': prune whole block_size² blocks of the kernels
+  block_size: int = 32
 
   def __post_init__(self):
     super().__post_init__()
@@ -82,14 +85,22 @@ class _MaskedTraining(Algorithm):
   @classmethod
   def _kwargs(cls, config) -> Dict[str, Any]:
     return dict(schedule=schedule_from_config(config), per_layer=config.prune_scope == "layer",
-                method=config.topk_method)
+                method=config.topk_method, structure=config.sparsity_structure,
+                block_size=config.block_size)
 
   @classmethod
   def from_config(cls, config) -> "_MaskedTraining":
     return cls(**cls._kwargs(config))
 
   def prune_masks(self, params: Params, sparsity: Scalar) -> PyTree:
-    """FedSparsify's magnitude masks at `sparsity` (absolute; zeros take part in the sort)."""
+    """FedSparsify's magnitude masks at `sparsity` (absolute; zeros take part in the sort).
+
+    With structure='block' the kernels are pruned in whole blocks (block L2 norms, one
+    threshold over all kernels, or per kernel with per_layer) and biases/BN stay dense.
+    """
+    if self.structure == "block":
+      fn = block.layerwise_block_masks if self.per_layer else block.global_block_masks
+      return fn(params, 1.0 - sparsity, self.block_size, method=self.method)
     return masks_lib.magnitude_masks(params, sparsity, per_layer=self.per_layer,
                                      method=self.method)
 

@@ -45,7 +45,8 @@ class SparsyFed(TopK):
   @classmethod
   def from_config(cls, config) -> "SparsyFed":
     return cls(sparsity=config.sparsity, method=config.topk_method, beta=config.beta,
-               spectral=config.spectral_exponent, act_threshold=config.act_threshold)
+               spectral=config.spectral_exponent, act_threshold=config.act_threshold,
+               structure=config.sparsity_structure, block_size=config.block_size)
 
   def init_params(self, params, key):
     del key

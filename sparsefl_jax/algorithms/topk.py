@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.algorithms.base import Algorithm, Upload
-from sparsefl_jax.sparsity import masks, topk
+from sparsefl_jax.sparsity import block, masks, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics
 from sparsefl_jax.sparsity.powerprop import is_kernel
 
@@ -22,6 +22,8 @@ class TopK(Algorithm):
   """Global magnitude top-K of the kernels before upload; regrowth metrics per client."""
   sparsity: float = 0.95
   method: str = "bisection"
+  structure: str = "unstructured"   # 'block': keep whole block_size² blocks of each kernel
+  block_size: int = 32
 
   name = "topk"
 
@@ -32,12 +34,20 @@ class TopK(Algorithm):
 
   @classmethod
   def from_config(cls, config) -> "TopK":
-    return cls(sparsity=config.sparsity, method=config.topk_method)
+    return cls(sparsity=config.sparsity, method=config.topk_method,
+               structure=config.sparsity_structure, block_size=config.block_size)
+
+  def upload_masks(self, local_params):
+    """Keep-masks of the global top (1 − ŝ) of all kernels (elements or whole blocks)."""
+    if self.structure == "block":
+      return block.global_block_masks(local_params, 1.0 - self.sparsity, self.block_size,
+                                      filter_fn=is_kernel, method=self.method)
+    return topk.global_topk_masks(local_params, 1.0 - self.sparsity, filter_fn=is_kernel,
+                                  method=self.method)
 
   def client_upload(self, global_params, local_params, client_state, t):
     del global_params, client_state, t
-    keep = topk.global_topk_masks(local_params, 1.0 - self.sparsity, filter_fn=is_kernel,
-                                  method=self.method)
+    keep = self.upload_masks(local_params)
     return Upload(jax.tree.map(lambda v, m: jnp.where(m, v, 0.0), local_params, keep))
 
   def client_metrics(self, global_params, upload, client_state) -> Dict[str, jax.Array]:
