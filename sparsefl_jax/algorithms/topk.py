@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.algorithms.base import Algorithm, Upload
-from sparsefl_jax.sparsity import block, masks, topk
-from sparsefl_jax.sparsity.metrics import global_mask_metrics
+from sparsefl_jax.sparsity import block, topk
+from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
 from sparsefl_jax.sparsity.powerprop import is_kernel
 
 
@@ -54,9 +54,7 @@ class TopK(Algorithm):
     """Regrowth (zero in the received model, non-zero in the upload) and its reverse,
     over all parameters as SparsyFed counts it; the engine averages them by example count."""
     del client_state
-    return {"regrowth": masks.regrowth(global_params, upload.values).astype(jnp.float32),
-            "deactivation": masks.deactivation(global_params, upload.values
-                                               ).astype(jnp.float32)}
+    return regrowth_metrics(global_params, upload.values)
 
   def server_metrics(self, old_params, new_params, algo_state):
     del algo_state

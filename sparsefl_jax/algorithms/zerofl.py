@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.sparsity import swat, topk
-from sparsefl_jax.sparsity.metrics import global_mask_metrics
+from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
 
 STRATEGIES = ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense")
 
@@ -143,10 +143,13 @@ class ZeroFL(Algorithm):
     return Upload(jax.tree.map(lambda v, m: jnp.where(m, v, 0.0), sent, masks))
 
   def client_metrics(self, global_params, upload, client_state) -> Dict[str, jax.Array]:
-    del global_params, client_state
+    del client_state
     leaves = jax.tree.leaves(upload.values)
     nnz = sum(jnp.sum(l != 0) for l in leaves)
-    return {"upload_density": nnz / sum(l.size for l in leaves)}
+    model = upload.values if self.uplink == "weights" else jax.tree.map(
+        jnp.add, global_params, upload.values)
+    return {"upload_density": nnz / sum(l.size for l in leaves),
+            **regrowth_metrics(global_params, model)}
 
   def server_metrics(self, old_params, new_params, algo_state):
     del algo_state

@@ -22,3 +22,11 @@ def global_mask_metrics(old_params: Params, new_params: Params) -> Dict[str, jax
   """IoU of consecutive global masks (non-zero patterns) plus per-layer kernel densities."""
   return {"mask_iou": masks.mask_iou(masks.mask_of(old_params), masks.mask_of(new_params)),
           **kernel_densities(new_params)}
+
+
+def regrowth_metrics(global_params: Params, uploaded_model: Params) -> Dict[str, jax.Array]:
+  """SparsyFed's per-client regrowth: entries zero in the received global model and non-zero
+  in the model the client uploads (and the reverse, 'deactivation'), over all parameters."""
+  return {"regrowth": masks.regrowth(global_params, uploaded_model).astype(jnp.float32),
+          "deactivation": masks.deactivation(global_params, uploaded_model
+                                             ).astype(jnp.float32)}
