@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsefl_jax import algorithms as algorithms_lib
-from sparsefl_jax import models
-from sparsefl_jax.models import introspect
+from sparsefl_jax import train
 from sparsefl_jax.config import ExperimentConfig
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import round as round_lib
@@ -211,17 +210,9 @@ def build_setup(wl: Workload, algo_name: str, num_clients: Optional[int] = None)
   cfg = ExperimentConfig(algorithm=algo_name, model=wl.model, sparsity=FLAGS.sparsity,
                          topk_period=FLAGS.topk_period)
   algorithm = algorithms_lib.get_algorithm(algo_name, cfg)
-  model = models.get_model(wl.model, wl.num_classes)
   dummy = jnp.zeros((1,) + wl.shape, jnp.float32)
-  variables = dict(jax.jit(lambda k: model.init(k, dummy, train=False))(
-      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}))
-  params = algorithm.init_params(variables.pop("params"), jax.random.PRNGKey(2))
-  # As train.build_experiment: bind the layer order; sparse methods route every weight layer
-  # through their op (SWAT's top-K, SparsyFed's Powerprop + activation pruning).
-  order = introspect.weight_layer_order(model, {"params": params, **variables}, dummy)
-  algorithm, op = algorithm.setup(params, order)
-  if op is not None:
-    model = models.get_model(wl.model, wl.num_classes, op=op)
+  algorithm, model, params, variables = train.assemble_model(
+      algorithm, wl.model, wl.num_classes, dummy, jax.random.PRNGKey(0))
   state = round_lib.init_server_state(algorithm, params, variables, None, jax.random.PRNGKey(3))
   local = client_lib.LocalConfig(wl.epochs, wl.batch, wl.examples)
   return Setup(wl, algorithm, model, _batch_fn, data, state, local, ClientLRSchedule(wl.lr))

@@ -61,6 +61,26 @@ def build_dataset(cfg: ExperimentConfig):
       min_partition_size=cfg.min_partition_size, synthetic=synthetic)
 
 
+def assemble_model(algorithm: algorithms.Algorithm, model_name: str, num_classes: int,
+                   dummy_x: jax.Array, init_key: jax.Array, conv_impl: str = "im2col"):
+  """Initialises the model, applies the method's init, binds the layer order and rebuilds the
+  model with the method's layer op (SWAT, Powerprop) if it has one.
+
+  Returns (bound algorithm, model, params, model_state).
+  """
+  param_key, dropout_key, algo_key = jax.random.split(init_key, 3)
+  model = models.get_model(model_name, num_classes, conv_impl=conv_impl)
+  init_fn = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))  # eager init is slow
+  variables = dict(init_fn({"params": param_key, "dropout": dropout_key}, dummy_x))
+  params = algorithm.init_params(variables.pop("params"), algo_key)
+  model_state = variables
+  order = introspect.weight_layer_order(model, {"params": params, **model_state}, dummy_x)
+  algorithm, op = algorithm.setup(params, order)
+  if op is not None:
+    model = models.get_model(model_name, num_classes, conv_impl=conv_impl, op=op)
+  return algorithm, model, params, model_state
+
+
 def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
   """Validates `cfg` and builds dataset, model, algorithm, initial state and the jitted round."""
   cfg.validate()
@@ -68,21 +88,11 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
   if cfg.model not in models.MODELS:
     raise ConfigError(f"model={cfg.model!r} is not one of {list(models.MODELS)}")
   ds = dataset if dataset is not None else build_dataset(cfg)
-  model = models.get_model(cfg.model, ds.num_classes, conv_impl=cfg.conv_impl)
   batch_fn = preprocess.make_batch_fn(ds)
-
   init_key = jax.random.fold_in(jax.random.PRNGKey(cfg.init_seed), INIT_STREAM)
-  param_key, dropout_key, algo_key = jax.random.split(init_key, 3)
   dummy = batch_fn(jnp.asarray(ds.train_x[0, :1]), jax.random.PRNGKey(0), False)
-  init_fn = jax.jit(lambda rngs, x: model.init(rngs, x, train=False))  # eager init is slow
-  variables = init_fn({"params": param_key, "dropout": dropout_key}, dummy)
-  variables = dict(variables)
-  params = algorithm.init_params(variables.pop("params"), algo_key)
-  model_state = variables
-  order = introspect.weight_layer_order(model, {"params": params, **model_state}, dummy)
-  algorithm, op = algorithm.setup(params, order)
-  if op is not None:   # SWAT / Powerprop: every weight layer routes through the method's op
-    model = models.get_model(cfg.model, ds.num_classes, conv_impl=cfg.conv_impl, op=op)
+  algorithm, model, params, model_state = assemble_model(
+      algorithm, cfg.model, ds.num_classes, dummy, init_key, conv_impl=cfg.conv_impl)
 
   server_name = cfg.resolved_server_optimizer(algorithm.default_server_optimizer)
   server_opt = optimizers.server_optimizer(
