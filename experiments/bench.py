@@ -1,9 +1,19 @@
 """Round-throughput benchmark of the jitted federated round (README "Performance", BUILD.md).
 
 For each workload (W0 fmnist_fc, W1 leaf_cnn, W2 resnet18) and algorithm it times one whole
-round under each client map (vmap, map, chunked) and a SEQUENTIAL baseline (a Python loop
-over clients calling a jitted per-client `client.local_train`, then a jitted aggregation),
-side by side in one process, with synthetic data of the right shapes. Then: scaling in
+round under each client map (vmap, map, chunked) and three Python-loop baselines, side by side
+in one run, with synthetic data of the right shapes:
+
+  loop_steps    what a per-client framework does (a Flower client's fit): a Python loop over
+                the clients and over each client's batches, gathered on the host like a data
+                loader's, calling a jitted train step (`client.sgd_step`); jitted aggregation.
+  loop_clients  a Python loop over the clients, each ONE jitted `client.local_train` (a
+                lax.scan over its steps): the strongest loop, one XLA program per client.
+  torch_loop    the loop_steps round written in PyTorch (experiments/bench_torch.py), in a
+                subprocess with --torch_python; skipped when torch is not installed.
+
+The JAX baselines run the same model and math as the engine (the table's Δ column checks it).
+Then: scaling in
 clients per round (time, XLA buffer memory, compile counts), the streamed vs stacked
 aggregate's memory, and rounds/s on 1, 2, 4 simulated CPU devices (one subprocess each).
 
@@ -52,19 +62,30 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["W0", "W1", "W2"], "Workloads for the main table.")
 flags.DEFINE_list("algorithms", ["fedavg"], "Algorithms (unknown/unavailable ones are skipped "
                   "with a note), e.g. fedavg,swat,sparsyfed.")
-flags.DEFINE_float("sparsity", 0.9, "Sparsity passed to sparse algorithms' configs.")
-flags.DEFINE_integer("topk_period", 1, "SWAT/ZeroFL: recompute top-K thresholds every N local "
-                     "steps (SWAT's topk_period; 1 = every step).")
+flags.DEFINE_float("sparsity", 0.9, "Sparsity passed to sparse algorithms' configs in the "
+                   "main table (--algorithms).")
+flags.DEFINE_integer("topk_period", 10, "SWAT/ZeroFL: recompute top-K thresholds every N local "
+                     "steps (SWAT's CIFAR setting is 10; 1 = exact top-K every step).")
+flags.DEFINE_list("sparse", ["swat:0.9", "sparsyfed:0.95"], "Sparse-vs-dense section: "
+                  "algorithm:sparsity pairs timed beside dense FedAvg; empty to skip.")
+flags.DEFINE_list("sparse_workloads", ["W1"], "Workloads of the sparse-vs-dense section.")
+flags.DEFINE_list("sparse_maps", ["map", "vmap"], "Client maps of the sparse-vs-dense section.")
 flags.DEFINE_list("client_maps", ["vmap", "map", "chunked"], "Client maps to time.")
 flags.DEFINE_integer("chunk_size", 5, "Clients per vmapped chunk for client_map=chunked.")
-flags.DEFINE_bool("sequential", True, "Also time the sequential per-client baseline.")
+flags.DEFINE_list("baselines", ["loop_steps", "loop_clients", "torch_loop"],
+                  "Python-loop baselines timed beside the engine (W0/W1): loop_steps (a "
+                  "per-client framework: Python loop over clients and batches, jitted train "
+                  "step), loop_clients (Python loop over clients, each one jitted lax.scan), "
+                  "torch_loop (the same loop in PyTorch, experiments/bench_torch.py).")
+flags.DEFINE_string("torch_python", "", "Python with torch for the torch_loop baseline "
+                    "(default: .venv-torch/bin/python when present, else this interpreter).")
 flags.DEFINE_integer("rounds", 5, "Timed rounds per row (median reported).")
 flags.DEFINE_integer("warmup", 1, "Untimed rounds first (the first one compiles).")
 flags.DEFINE_list("w2_maps", ["chunked"], "Client maps for W2 (a ResNet-18 round is ~1 min "
                   "on 2 cores; vmap of 10 clients needs ~9 GB).")
 flags.DEFINE_integer("w2_rounds", 2, "Timed rounds for W2 rows (2 keeps the default run under "
                      "15 min; use 5 for the full protocol).")
-flags.DEFINE_bool("w2_sequential", False, "Also time the sequential baseline on W2 (+3 min).")
+flags.DEFINE_bool("w2_baselines", False, "Also time the baselines on W2 (+5 min).")
 flags.DEFINE_bool("scaling", True, "Run the clients-per-round scaling sweep.")
 flags.DEFINE_list("scaling_workloads", ["W0", "W1"], "Workloads of the scaling sweep.")
 flags.DEFINE_list("scaling_clients", ["1", "2", "4", "8", "16", "32", "64"],
@@ -200,14 +221,16 @@ def _batch_fn(x, key, train):
   return (x.astype(jnp.float32) / 255.0 - 0.5) / 0.25
 
 
-def build_setup(wl: Workload, algo_name: str, num_clients: Optional[int] = None) -> Setup:
+def build_setup(wl: Workload, algo_name: str, num_clients: Optional[int] = None,
+                sparsity: Optional[float] = None) -> Setup:
   """Synthetic uint8 images, random labels; every client holds `wl.examples` examples."""
   p = num_clients or wl.num_clients
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (p, wl.examples) + wl.shape, dtype=np.uint8)
   y = rng.integers(0, wl.num_classes, (p, wl.examples)).astype(np.int32)
   data = ClientData.from_arrays(x, y, np.full(p, wl.examples, np.int32))
-  cfg = ExperimentConfig(algorithm=algo_name, model=wl.model, sparsity=FLAGS.sparsity,
+  cfg = ExperimentConfig(algorithm=algo_name, model=wl.model,
+                         sparsity=FLAGS.sparsity if sparsity is None else sparsity,
                          topk_period=FLAGS.topk_period)
   algorithm = algorithms_lib.get_algorithm(algo_name, cfg)
   dummy = jnp.zeros((1,) + wl.shape, jnp.float32)
@@ -229,7 +252,8 @@ def step_flops(s: Setup) -> float:
     return res.params
 
   st = s.state
-  args = (st.params, st.model_state, st.algo_state, s.data.x[0, :s.wl.batch],
+  context = s.algorithm.client_context(st.params, st.algo_state, jnp.int32(1))
+  args = (st.params, st.model_state, context, s.data.x[0, :s.wl.batch],
           s.data.y[0, :s.wl.batch])
   return _cost_flops(jax.jit(f).lower(*args).compile())
 
@@ -285,47 +309,114 @@ def time_engine(s: Setup, k: int, client_map: str, rounds: int, warmup: int,
           "first_params": first_params}
 
 
-def build_sequential(s: Setup, k: int):
-  """A per-client framework: jitted server prep, a Python loop of jitted clients, jitted
-  aggregation. Returns round(state, data, key) -> state (the same math as round_step)."""
-  alg, cfg = s.algorithm, round_config(s, k, "vmap")
+class _Loop:
+  """A per-client framework's round: jitted server prep, a Python loop over the sampled
+  clients, jitted aggregation (the same math as round_step). Subclasses train one client."""
 
-  @jax.jit
-  def prep(state, key):
-    t = state.round + 1
-    ids = sample_clients(state.sampling_key, t, cfg.num_clients, k)
-    return t, ids, alg.broadcast(state.params, state.algo_state, t), cfg.lr_schedule(t), \
-        jax.random.fold_in(key, t)
+  def __init__(self, s: Setup, k: int):
+    self.s, self.k = s, k
+    self.cfg = cfg = round_config(s, k, "vmap")
+    alg = s.algorithm
 
-  @jax.jit
-  def one_client(global_in, mstate, algo_state, lr, t, data, cid, round_key):
-    res = client_lib.local_train(
-        alg, s.model, s.batch_fn, cfg.local, lambda: client_optimizer(lr), global_in, mstate,
-        algo_state, data.x[cid], data.y[cid], data.counts[cid],
-        jax.random.fold_in(round_key, cid), t)
-    return alg.client_upload(global_in, res.params, res.client_state, t), res.model_state
+    @jax.jit
+    def prep(state, key):
+      t = state.round + 1
+      ids = sample_clients(state.sampling_key, t, cfg.num_clients, k)
+      global_in = alg.broadcast(state.params, state.algo_state, t)
+      return (t, ids, global_in, alg.client_context(global_in, state.algo_state, t),
+              cfg.lr_schedule(t), jax.random.fold_in(key, t))
 
-  @jax.jit
-  def aggregate(state, global_in, t, weights, uploads, mstates):
-    uploads = jax.tree.map(lambda *a: jnp.stack(a), *uploads)
-    mstates = jax.tree.map(lambda *a: jnp.stack(a), *mstates)
-    candidate = alg.aggregate(global_in, uploads, weights, state.algo_state, t)
-    params, algo_state = alg.server_post(candidate, state.algo_state, t)
-    return state._replace(round=t, params=params, model_state=weighted_mean(mstates, weights),
-                          algo_state=algo_state)
+    @jax.jit
+    def aggregate(state, global_in, t, weights, uploads, mstates):
+      uploads = jax.tree.map(lambda *a: jnp.stack(a), *uploads)
+      mstates = jax.tree.map(lambda *a: jnp.stack(a), *mstates)
+      candidate = alg.aggregate(global_in, uploads, weights, state.algo_state, t)
+      params, algo_state = alg.server_post(candidate, state.algo_state, t)
+      return state._replace(round=t, params=params, model_state=weighted_mean(mstates, weights),
+                            algo_state=algo_state)
 
-  def run(state, data, key):
-    t, ids, global_in, lr, round_key = prep(state, key)
-    outs = [one_client(global_in, state.model_state, state.algo_state, lr, t, data, cid,
-                       round_key) for cid in np.asarray(ids)]
-    return aggregate(state, global_in, t, data.counts[ids].astype(jnp.float32),
-                     [o[0] for o in outs], [o[1] for o in outs])
+    self.prep, self.aggregate = prep, aggregate
 
-  return run
+  def client(self, global_in, mstate, context, lr, t, data, cid: int, round_key):
+    """-> (Upload, model_state) of client `cid`."""
+    raise NotImplementedError
+
+  def __call__(self, state, data, key):
+    t, ids, global_in, context, lr, round_key = self.prep(state, key)
+    outs = [self.client(global_in, state.model_state, context, lr, t, data, int(cid),
+                        round_key) for cid in np.asarray(ids)]
+    return self.aggregate(state, global_in, t, data.counts[ids].astype(jnp.float32),
+                          [o[0] for o in outs], [o[1] for o in outs])
 
 
-def time_sequential(s: Setup, k: int, rounds: int, warmup: int) -> Dict[str, Any]:
-  run = build_sequential(s, k)
+class LoopClients(_Loop):
+  """Each client is ONE jitted call: `client.local_train` (a lax.scan over its local steps)."""
+
+  def __init__(self, s: Setup, k: int):
+    super().__init__(s, k)
+    alg, cfg = s.algorithm, self.cfg
+
+    @jax.jit
+    def one_client(global_in, mstate, context, lr, t, data, cid, round_key):
+      res = client_lib.local_train(
+          alg, s.model, s.batch_fn, cfg.local, lambda: client_optimizer(lr), global_in, mstate,
+          context, data.x[cid], data.y[cid], data.counts[cid],
+          jax.random.fold_in(round_key, cid), t)
+      return alg.client_upload(global_in, res.params, res.client_state, t), res.model_state
+
+    self.client = one_client
+
+
+class LoopSteps(_Loop):
+  """What a per-client framework does (a Flower client's fit): a Python loop over the client's
+  batches, each gathered on the host like a data loader's and passed to a jitted train step
+  (`client.sgd_step`, the step `local_train` scans), then a jitted upload."""
+
+  def __init__(self, s: Setup, k: int):
+    super().__init__(s, k)
+    alg, cfg = s.algorithm, self.cfg
+    self.host_x, self.host_y = np.asarray(s.data.x), np.asarray(s.data.y)
+
+    @jax.jit
+    def start(global_in, mstate, context, lr, t, n, key):
+      return client_lib.init_client(alg, cfg.local, client_optimizer(lr), global_in, mstate,
+                                    context, n, key, t)
+
+    @jax.jit
+    def train_step(global_in, carry, lr, xb, yb, orders, n, step_key, step):
+      _, wb, rng = client_lib.step_batch(cfg.local, orders, n, step_key, step)
+      return client_lib.sgd_step(alg, s.model, s.batch_fn, client_optimizer(lr), global_in,
+                                 carry, xb, yb, wb, rng, step)
+
+    @jax.jit
+    def upload(global_in, carry, t):
+      return alg.client_upload(global_in, carry.params, carry.client_state, t)
+
+    self.start, self.train_step, self.upload = start, train_step, upload
+
+  def client(self, global_in, mstate, context, lr, t, data, cid, round_key):
+    local, n = self.cfg.local, int(data.counts[cid])
+    carry, orders, step_key = self.start(global_in, mstate, context, lr, t, data.counts[cid],
+                                         jax.random.fold_in(round_key, cid))
+    host_orders = np.asarray(orders)
+    for step in range(local.num_steps):
+      b = step % local.steps_per_epoch
+      if b * local.batch_size >= n:
+        continue                                   # padding steps: nothing to train on
+      idx = host_orders[step // local.steps_per_epoch,
+                        b * local.batch_size:(b + 1) * local.batch_size]
+      carry = self.train_step(global_in, carry, lr, self.host_x[cid][idx],
+                              self.host_y[cid][idx], orders, data.counts[cid], step_key,
+                              np.int32(step))
+    return self.upload(global_in, carry, t), carry.model_state
+
+
+LOOPS = {"loop_steps": LoopSteps, "loop_clients": LoopClients}
+
+
+def time_loop(s: Setup, k: int, mode: str, rounds: int, warmup: int) -> Dict[str, Any]:
+  """Times a Python-loop baseline (`LOOPS[mode]`) like `time_engine` times the engine."""
+  run = LOOPS[mode](s, k)
   state, key = _fresh(s.state), jax.random.PRNGKey(4)
   c0, cs0 = COMPILES.count, COMPILES.seconds
   t = time.perf_counter()
@@ -351,6 +442,26 @@ def time_sequential(s: Setup, k: int, rounds: int, warmup: int) -> Dict[str, Any
           "first_params": first_params}
 
 
+def time_torch(wl: Workload, rounds: int, warmup: int) -> Optional[Dict[str, Any]]:
+  """The PyTorch loop (experiments/bench_torch.py) in a subprocess; None when torch is absent."""
+  cmd = [FLAGS.torch_python, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "bench_torch.py"),
+         f"--workload={wl.name}", f"--clients={wl.clients_per_round}",
+         f"--rounds={rounds}", f"--warmup={warmup}"]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+  except OSError as e:
+    print(f"  {wl.name} torch_loop: skipped ({e})")
+    return None
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TORCH ")]
+  if proc.returncode != 0 or not lines:
+    why = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    print(f"  {wl.name} torch_loop: skipped ({why[0]}; install with "
+          f"`pip install torch==2.13.0` and pass --torch_python)")
+    return None
+  return json.loads(lines[-1][len("TORCH "):])
+
+
 def _max_diff(a, b) -> float:
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -369,18 +480,24 @@ def main_table(workloads: Sequence[Workload], algos: Sequence[str], peak: float,
       flops = round_flops(s, wl.clients_per_round, per_step)
       maps = FLAGS.w2_maps if wl.name == "W2" else FLAGS.client_maps
       n = FLAGS.w2_rounds if wl.name == "W2" and not FLAGS.quick else rounds
-      seq = FLAGS.sequential and (wl.name != "W2" or FLAGS.w2_sequential)
-      modes = list(maps) + (["sequential"] if seq else [])
+      loops = FLAGS.baselines if (wl.name != "W2" or FLAGS.w2_baselines) else []
       ref_params, base = None, {}
-      for mode in modes:
-        if mode == "sequential":
-          r = time_sequential(s, wl.clients_per_round, n, warmup)
+      for mode in list(maps) + list(loops):
+        if mode == "torch_loop":
+          r = time_torch(wl, n, warmup)
+          if r is None:
+            continue
+          first = None
         else:
-          r = time_engine(s, wl.clients_per_round, mode, n, warmup)
-        first = r.pop("first_params")
-        if ref_params is None:
-          ref_params = first
-        r["max_abs_diff_vs_first_mode"] = _max_diff(ref_params, first)
+          if mode in LOOPS:
+            r = time_loop(s, wl.clients_per_round, mode, n, warmup)
+          else:
+            r = time_engine(s, wl.clients_per_round, mode, n, warmup)
+          first = r.pop("first_params")
+          if ref_params is None:
+            ref_params = first
+        r["max_abs_diff_vs_first_mode"] = (float("nan") if first is None
+                                           else _max_diff(ref_params, first))
         r.update(workload=wl.name, model=wl.model, algorithm=algo, mode=mode,
                  clients=wl.clients_per_round, round_gflop=flops / 1e9,
                  gflops=flops / r["seconds"] / 1e9)
@@ -388,9 +505,41 @@ def main_table(workloads: Sequence[Workload], algos: Sequence[str], peak: float,
         base[mode] = r["seconds"]
         rows.append(r)
         _print_row(r)
-      if "sequential" in base:
-        for r in rows[-len(modes):]:
-          r["speedup_vs_sequential"] = base["sequential"] / r["seconds"]
+      for r in rows[-len(base):]:
+        for b in loops:
+          if b in base:
+            r[f"speedup_vs_{b}"] = base[b] / r["seconds"]
+  return rows
+
+
+def sparse_vs_dense(workloads: Sequence[Workload], peak: float, rounds: int, warmup: int
+                    ) -> List[Dict[str, Any]]:
+  """Round time of each sparse algorithm (FLAGS.sparse) against dense FedAvg, per client map,
+  side by side; GFLOP/s counts each method's own (dense-equivalent) XLA step FLOPs."""
+  rows = []
+  pairs = [p.split(":") for p in FLAGS.sparse]
+  for wl in workloads:
+    setups = [("fedavg", 0.0, build_setup(wl, "fedavg"))]
+    for name, sp in pairs:
+      if name not in algorithms_lib.ALGORITHMS:
+        print(f"NOTE: sparse algorithm {name!r} is not available; skipped")
+        continue
+      setups.append((name, float(sp), build_setup(wl, name, sparsity=float(sp))))
+    for mode in FLAGS.sparse_maps:
+      dense_s = None
+      for name, sp, s in setups:
+        r = time_engine(s, wl.clients_per_round, mode, rounds, warmup)
+        r.pop("first_params")
+        flops = round_flops(s, wl.clients_per_round, step_flops(s))
+        dense_s = dense_s or r["seconds"]
+        r.update(workload=wl.name, algorithm=name, sparsity=sp, mode=mode,
+                 topk_period=FLAGS.topk_period, gflops=flops / r["seconds"] / 1e9,
+                 x_dense=r["seconds"] / dense_s)
+        r["peak_fraction"] = r["gflops"] / peak
+        rows.append(r)
+        print(f"  sparse {wl.name} {mode:8s} {name:10s} sp={sp:.2f}: {r['seconds']:8.3f} "
+              f"s/round = {r['x_dense']:.2f}x dense (compile {r['compile_s']:.1f} s, "
+              f"recompiles {r['compiles_during_timing']})", flush=True)
   return rows
 
 
@@ -488,19 +637,16 @@ def _print_row(r: Dict[str, Any]) -> None:
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-  hdr = (f"| workload | algorithm | map | s/round | compile s | GFLOP/s | % peak | "
-         f"× vs sequential | XLA temp MB | peak RSS MB | max Δ params |")
-  print(hdr)
-  print("|" + "---|" * 11)
+  loops = [b for b in FLAGS.baselines if any(f"speedup_vs_{b}" in r for r in rows)]
+  print("| workload | algorithm | map | s/round | compile s | GFLOP/s | % peak | "
+        + "".join(f"× vs {b} | " for b in loops) + "XLA temp MB | peak RSS MB | max Δ params |")
+  print("|" + "---|" * (10 + len(loops)))
   for r in rows:
-    sp = r.get("speedup_vs_sequential")
+    ratios = "".join(f"{r[f'speedup_vs_{b}']:.2f} | " if f"speedup_vs_{b}" in r else "- | "
+                     for b in loops)
     print(f"| {r['workload']} {r['model']} | {r['algorithm']} | {r['mode']} | "
           f"{r['seconds']:.3f} | {r['compile_s']:.1f} | {r['gflops']:.1f} | "
-          f"{100 * r['peak_fraction']:.1f} | {sp:.2f} | {r['xla_temp_mb']:.0f} | "
-          f"{r['rss_peak_mb']:.0f} | {r['max_abs_diff_vs_first_mode']:.1e} |"
-          if sp is not None else f"| {r['workload']} | {r['algorithm']} | {r['mode']} | "
-          f"{r['seconds']:.3f} | {r['compile_s']:.1f} | {r['gflops']:.1f} | "
-          f"{100 * r['peak_fraction']:.1f} | - | {r['xla_temp_mb']:.0f} | "
+          f"{100 * r['peak_fraction']:.1f} | {ratios}{r['xla_temp_mb']:.0f} | "
           f"{r['rss_peak_mb']:.0f} | {r['max_abs_diff_vs_first_mode']:.1e} |")
 
 
@@ -512,6 +658,10 @@ def main(argv) -> None:
     return
   COMPILES = Compiles()
   start = time.perf_counter()
+  if not FLAGS.torch_python:
+    local = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         ".venv-torch", "bin", "python")
+    FLAGS.torch_python = local if os.path.exists(local) else sys.executable
   if FLAGS.quick:
     for name in ("W0", "W1"):
       WORKLOADS[name] = dataclasses.replace(WORKLOADS[name], clients_per_round=2)
@@ -523,6 +673,7 @@ def main(argv) -> None:
     FLAGS.memory_clients = ["8"]
     FLAGS.devices = ["1", "2"]
     FLAGS.device_workload, FLAGS.device_clients, FLAGS.device_rounds = "W0", 4, 2
+    FLAGS.sparse_workloads, FLAGS.sparse_maps = ["W0"], ["vmap"]
     rounds, warmup = 2, 1
   else:
     rounds, warmup = FLAGS.rounds, FLAGS.warmup
@@ -541,6 +692,10 @@ def main(argv) -> None:
                              "flop_count": "XLA cost_analysis of one local step x real steps"}
   wls = [WORKLOADS[w] for w in FLAGS.workloads]
   results["rounds"] = main_table(wls, algos, peak, rounds, warmup)
+  if FLAGS.sparse:
+    print(f"sparse vs dense rounds (topk_period={FLAGS.topk_period}):")
+    results["sparse_vs_dense"] = sparse_vs_dense(
+        [WORKLOADS[w] for w in FLAGS.sparse_workloads], peak, rounds, warmup)
   if FLAGS.scaling and algos:
     print("scaling in clients per round:")
     results["scaling"] = scaling([WORKLOADS[w] for w in FLAGS.scaling_workloads], algos[0],
@@ -555,6 +710,11 @@ def main(argv) -> None:
   results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print()
   print_table(results["rounds"])
+  if results.get("sparse_vs_dense"):
+    print("\n| workload | map | algorithm | sparsity | s/round | × dense |\n|---|---|---|---|---|---|")
+    for r in results["sparse_vs_dense"]:
+      print(f"| {r['workload']} | {r['mode']} | {r['algorithm']} | {r['sparsity']:.2f} | "
+            f"{r['seconds']:.3f} | {r['x_dense']:.2f} |")
   print(f"\nmatmul peak {peak:.1f} GFLOP/s at start, "
         f"{results['matmul_peak_gflops_end']:.1f} at end; total "
         f"{results['total_seconds']:.0f} s; max RSS {results['max_rss_mb']:.0f} MB")

@@ -140,7 +140,9 @@ def test_powerprop_zero_weights_do_not_regrow_locally():
     res = client_lib.local_train(
         exp.algorithm, exp.model, preprocess.make_batch_fn(exp.dataset),
         client_lib.LocalConfig(1, 8, exp.client_data.max_examples), lambda: optax.sgd(0.1),
-        state.params, state.model_state, state.algo_state, exp.client_data.x[0],
+        state.params, state.model_state,
+        exp.algorithm.client_context(state.params, state.algo_state, jnp.int32(2)),
+        exp.client_data.x[0],
         exp.client_data.y[0], exp.client_data.counts[0], jax.random.PRNGKey(0), jnp.int32(2))
     kern = lambda t: {k: v for k, v in jax.tree_util.tree_flatten_with_path(t)[0]
                       if "kernel" in jax.tree_util.keystr(k)}

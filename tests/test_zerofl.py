@@ -1,4 +1,5 @@
 """ZeroFL's uplink strategies and aggregation against numpy; byte counts; end-to-end runs."""
+import dataclasses
 import os
 
 import jax
@@ -9,6 +10,8 @@ import pytest
 from sparsefl_jax import ExperimentConfig, comm, models, train
 from sparsefl_jax.algorithms.base import Upload
 from sparsefl_jax.algorithms.zerofl import SwatFL, ZeroFL
+from sparsefl_jax.federated import client as client_lib
+from sparsefl_jax.federated.optimizers import ClientLRSchedule
 from sparsefl_jax.metrics import read_metrics
 from sparsefl_jax.models import introspect
 
@@ -128,3 +131,52 @@ def test_bad_zerofl_settings_are_rejected():
   with pytest.raises(ValueError, match="mask_ratio=0.5"):
     ZeroFL(sparsity=0.3, mask_ratio=0.5)
   assert SwatFL().strategy == "dense" and SwatFL().uplink == "weights"
+
+
+class _PerStepSwat(SwatFL):
+  """Reference: every client computes every threshold itself, every step (no cache, no
+  shared step-0 thresholds)."""
+
+  def _caches(self):
+    return False
+
+
+class _WrongContextSwat(SwatFL):
+  """Hands clients a step-0 weight threshold of +inf: if it is used, step 0 drops every
+  weight of the sparse layers."""
+
+  def client_context(self, global_params, algo_state, t):
+    ctx = super().client_context(global_params, algo_state, t)
+    return jax.tree.map(lambda v: jnp.full_like(v, jnp.inf), ctx)
+
+
+def _round_with(algorithm_cls, cfg):
+  from sparsefl_jax.data import preprocess
+  from sparsefl_jax.federated import round as round_lib
+  exp = train.build_experiment(cfg)
+  alg = algorithm_cls(**{f.name: getattr(exp.algorithm, f.name)
+                         for f in dataclasses.fields(exp.algorithm)})
+  local_cfg = round_lib.RoundConfig(
+      num_clients=exp.client_data.num_clients, clients_per_round=cfg.clients_per_round,
+      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size,
+                                   exp.client_data.max_examples),
+      lr_schedule=ClientLRSchedule(cfg.lr), client_map=cfg.client_map)
+  step = jax.jit(round_lib.build_round_step(alg, exp.model, preprocess.make_batch_fn(
+      exp.dataset), local_cfg, None))
+  state, _ = step(exp.init_state, exp.client_data, exp.train_key)
+  return state.params
+
+
+@pytest.mark.parametrize("client_map", ["vmap", "map"])
+def test_shared_step0_thresholds_equal_per_client_thresholds(tmp_path, client_map):
+  """SWAT's step-0 weight thresholds, computed once per round in `client_context`, give
+  bit-identical training to every client computing them itself each step."""
+  cfg = ExperimentConfig(**SMALL, algorithm="swat", topk_period=1, client_map=client_map,
+                         workdir=str(tmp_path))
+  shared, per_step = _round_with(SwatFL, cfg), _round_with(_PerStepSwat, cfg)
+  for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(per_step)):
+    np.testing.assert_array_equal(a, b)
+  wrong = _round_with(_WrongContextSwat, cfg.replace(topk_period=3))
+  right = _round_with(SwatFL, cfg.replace(topk_period=3))
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(jax.tree.leaves(wrong), jax.tree.leaves(right)))

@@ -3,7 +3,8 @@
 The engine (`sparsefl_jax.federated.round`) calls the hooks in this order each round:
 
   server: broadcast(params, algo_state, t)                  -> what every sampled client receives
-  client: client_init(global, algo_state, t, key)           -> client_state (masks, thresholds, ...)
+          client_context(global, algo_state, t)             -> what clients see of the server state
+  client: client_init(global, context, t, key)              -> client_state (masks, thresholds, ...)
           for each local step (inside lax.scan):
             forward(...) + local_loss(...)                   -> loss; grads
             transform_grads(grads, params, client_state)     -> e.g. masked gradients
@@ -95,6 +96,17 @@ class Algorithm:
     """The model every sampled client receives this round."""
     del algo_state, t
     return params
+
+  def client_context(self, global_params: Params, algo_state: AlgoState, t: Scalar
+                     ) -> AlgoState:
+    """What every client receives of the server state this round (default: `algo_state`).
+
+    Computed ONCE per round, outside the client map, and handed to `client_init` as its
+    `algo_state`: work that depends only on the broadcast model (SWAT's step-0 weight
+    thresholds, SparsyFed's spectral exponents) is then done once instead of once per client.
+    """
+    del global_params, t
+    return algo_state
 
   def aggregate(self, global_params: Params, uploads: Upload, weights: jax.Array,
                 algo_state: AlgoState, t: Scalar) -> Params:

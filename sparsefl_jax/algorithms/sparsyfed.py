@@ -67,11 +67,16 @@ class SparsyFed(TopK):
       out[name] = powerprop.spectral_exponent(node["kernel"])
     return out
 
+  def client_context(self, global_params, algo_state, t):
+    """The spectral exponents depend only on the broadcast model: computed once per round."""
+    del algo_state, t
+    return {"betas": self._betas(global_params)} if self.spectral else {}
+
   def client_init(self, global_params, algo_state, t, key):
-    del algo_state, t, key
+    del global_params, t, key
     state = {}
     if self.spectral:
-      state["betas"] = self._betas(global_params)
+      state["betas"] = algo_state["betas"]
     if self.act_threshold == "first_batch":
       zero = jnp.zeros((), jnp.float32)
       state["thr"] = {name: {"thr_w": zero, "thr_a": zero} for name in self.layers}

@@ -35,7 +35,8 @@ class ZeroFL(Algorithm):
     sparse_layers: 'default' (ZeroFL's choice), 'all', or comma-separated layer paths.
     distribution: 'uniform' (SWAT-U) or 'erk' (SWAT-ERK) per-layer sparsities.
     method: exact threshold algorithm of `sparsity.topk`.
-    topk_period: recompute SWAT's thresholds every N local steps (cached in between).
+    topk_period: recompute SWAT's thresholds every N local steps (cached in between; the
+      step-0 weight thresholds are computed once per round for all clients).
   """
   sparsity: float = 0.9
   mask_ratio: float = 0.0
@@ -95,24 +96,39 @@ class ZeroFL(Algorithm):
       return self.layer_densities
     return swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution)
 
-  # ---- threshold caching (topk_period > 1) ----------------------------------------------
+  # ---- threshold caching ------------------------------------------------------------------
+  # Unstructured SWAT trains through the 'swat' threshold cache: activation thresholds are
+  # recomputed every `topk_period` steps, weight thresholds too except on step 0, where every
+  # client holds the broadcast model: those come from `client_context`, computed once per
+  # round for all clients (the same numbers each client would compute, without K-fold cost).
+  def _caches(self) -> bool:
+    return self.structure == "unstructured"
+
+  def client_context(self, global_params, algo_state, t):
+    del t
+    if not self._caches():
+      return algo_state
+    return {name: topk.topk_threshold(swat.layer_kernel(global_params, name), d, self.method)
+            for name, d in self.densities(global_params)}
+
   def client_init(self, global_params, algo_state, t, key):
-    del algo_state, t, key
-    if self.topk_period == 1:
+    del t, key
+    if not self._caches():
       return ()
     zero = jnp.zeros((), jnp.float32)
-    return {name: {"thr_w": zero, "thr_a": zero} for name, _ in self.densities(global_params)}
+    return {name: {"thr_w": algo_state[name], "thr_a": zero}
+            for name, _ in self.densities(global_params)}
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
               step=None):
-    if not train or self.topk_period == 1 or step is None:
+    if not train or not self._caches() or step is None:
       return super().forward(model, params, model_state, x, train=train,
                              example_mask=example_mask, rngs=rngs, client_state=client_state,
                              step=step)
     dens = self.densities(params)
     refresh = (step % self.topk_period) == 0
-    variables = {"params": params, **model_state,
-                 swat.COLLECTION: swat.cache_variables(dens, refresh, client_state)}
+    cache = swat.cache_variables(dens, refresh, client_state, refresh_w=refresh & (step > 0))
+    variables = {"params": params, **model_state, swat.COLLECTION: cache}
     logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
                               mutable=[*model_state.keys(), swat.COLLECTION])
     new_state = {k: new[k] for k in model_state}

@@ -6,14 +6,15 @@ partial); the remaining steps of the padded schedule carry no examples and leave
 of state unchanged. So padding never duplicates, drops or reweights an example.
 """
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sparsefl_jax.algorithms.base import Algorithm
-from sparsefl_jax.types import AlgoState, ClientState, ModelState, Params, PRNGKey, Scalar
+from sparsefl_jax.types import (AlgoState, ClientState, ModelState, Params, PRNGKey, PyTree,
+                                Scalar)
 
 BatchFn = Callable[[jax.Array, PRNGKey, bool], jax.Array]
 
@@ -72,56 +73,92 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+class StepCarry(NamedTuple):
+  """What one local step reads and writes."""
+  params: Params
+  opt_state: PyTree
+  model_state: ModelState
+  client_state: ClientState
+  loss_sum: Scalar
+
+
+def sgd_step(algorithm: Algorithm, model, batch_fn: BatchFn,
+             optimizer: optax.GradientTransformation, global_params: Params,
+             carry: StepCarry, x_raw: jax.Array, y: jax.Array, weights: jax.Array,
+             rng: PRNGKey, step: jax.Array) -> StepCarry:
+  """One local step on one raw batch: forward, loss, gradient, algorithm hooks, optax update.
+
+  `weights` (B,) is 1 for real examples and 0 for padding; `rng` is split into augmentation
+  and dropout keys. `local_train` scans this; a per-step loop (benchmarks) can jit it alone.
+  """
+  aug_key, drop_key = jax.random.split(rng)
+  xb = batch_fn(x_raw, aug_key, True)
+
+  def loss_fn(params):
+    logits, new_mstate, new_cstate = algorithm.forward(
+        model, params, carry.model_state, xb, train=True, example_mask=weights > 0,
+        rngs={"dropout": drop_key}, client_state=carry.client_state, step=step)
+    data_loss_sum = jnp.sum(cross_entropy(logits, y) * weights)
+    loss = data_loss_sum / jnp.maximum(jnp.sum(weights), 1.0)
+    loss = loss + algorithm.local_loss(params, global_params, carry.client_state)
+    return loss, (new_mstate, new_cstate, data_loss_sum)
+
+  grads, (mstate, cstate, batch_loss_sum) = jax.grad(loss_fn, has_aux=True)(carry.params)
+  grads = algorithm.transform_grads(grads, carry.params, cstate)
+  updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
+  params = optax.apply_updates(carry.params, updates)
+  params, opt_state, cstate = algorithm.post_step(params, opt_state, cstate)
+  return StepCarry(params, opt_state, mstate, cstate, carry.loss_sum + batch_loss_sum)
+
+
+def step_batch(cfg: LocalConfig, orders: jax.Array, num_examples: jax.Array,
+               step_key: PRNGKey, s: jax.Array) -> Tuple[jax.Array, jax.Array, PRNGKey]:
+  """(example indices, example weights, rng) of local step `s`.
+
+  Keys depend on (epoch, batch) only, not on the padded length: padding changes nothing.
+  """
+  bsz = cfg.batch_size
+  epoch, b = s // cfg.steps_per_epoch, s % cfg.steps_per_epoch
+  idx = jax.lax.dynamic_slice(orders[epoch], (b * bsz,), (bsz,))
+  weights = ((b * bsz + jnp.arange(bsz)) < num_examples).astype(jnp.float32)
+  return idx, weights, jax.random.fold_in(jax.random.fold_in(step_key, epoch), b)
+
+
+def init_client(algorithm: Algorithm, cfg: LocalConfig,
+                optimizer: optax.GradientTransformation, global_params: Params,
+                model_state: ModelState, algo_state: AlgoState, num_examples: jax.Array,
+                key: PRNGKey, t: Scalar) -> Tuple[StepCarry, jax.Array, PRNGKey]:
+  """The first carry, the epochs' example orders and the step key of one client."""
+  order_key, step_key, init_key = jax.random.split(key, 3)
+  orders = epoch_orders(order_key, num_examples, cfg)
+  client_state = algorithm.client_init(global_params, algo_state, t, init_key)
+  carry = StepCarry(global_params, optimizer.init(global_params), model_state, client_state,
+                    jnp.zeros((), jnp.float32))
+  return carry, orders, step_key
+
+
 def local_train(algorithm: Algorithm, model, batch_fn: BatchFn, cfg: LocalConfig,
                 make_optimizer: Callable[[], optax.GradientTransformation],
                 global_params: Params, model_state: ModelState, algo_state: AlgoState,
                 x: jax.Array, y: jax.Array, num_examples: jax.Array, key: PRNGKey,
                 t: Scalar) -> ClientResult:
-  """Runs `cfg.num_steps` masked SGD steps for one client; see the module docstring."""
-  order_key, step_key, init_key = jax.random.split(key, 3)
-  orders = epoch_orders(order_key, num_examples, cfg)
-  client_state = algorithm.client_init(global_params, algo_state, t, init_key)
+  """Runs `cfg.num_steps` masked SGD steps for one client; see the module docstring.
+
+  `algo_state` is what the algorithm's `client_context` returned for this round (the server
+  state itself for most methods).
+  """
   optimizer = make_optimizer()
-  opt_state = optimizer.init(global_params)
-  bsz = cfg.batch_size
-
-  def loss_fn(params, mstate, cstate, xb, yb, wb, rng, s):
-    logits, new_mstate, new_cstate = algorithm.forward(
-        model, params, mstate, xb, train=True, example_mask=wb > 0,
-        rngs={"dropout": rng}, client_state=cstate, step=s)
-    per_example = cross_entropy(logits, yb)
-    data_loss_sum = jnp.sum(per_example * wb)
-    loss = data_loss_sum / jnp.maximum(jnp.sum(wb), 1.0)
-    loss = loss + algorithm.local_loss(params, global_params, cstate)
-    return loss, (new_mstate, new_cstate, data_loss_sum)
-
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  init, orders, step_key = init_client(algorithm, cfg, optimizer, global_params, model_state,
+                                       algo_state, num_examples, key, t)
 
   def step(carry, s):
-    params, opt_state, mstate, cstate, loss_sum = carry
-    epoch, b = s // cfg.steps_per_epoch, s % cfg.steps_per_epoch
-    idx = jax.lax.dynamic_slice(orders[epoch], (b * bsz,), (bsz,))
-    wb = ((b * bsz + jnp.arange(bsz)) < num_examples).astype(jnp.float32)
-    # Keys depend on (epoch, batch) only, not on the padded length: padding changes nothing.
-    rng = jax.random.fold_in(jax.random.fold_in(step_key, epoch), b)
-    aug_key, drop_key = jax.random.split(rng)
-    xb = batch_fn(x[idx], aug_key, True)
-    grads, (new_mstate, new_cstate, batch_loss_sum) = grad_fn(
-        params, mstate, cstate, xb, y[idx], wb, drop_key, s)
-    grads = algorithm.transform_grads(grads, params, new_cstate)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    new_params, new_opt_state, new_cstate = algorithm.post_step(new_params, new_opt_state,
-                                                                new_cstate)
-    has_data = b * bsz < num_examples
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, old)
-    carry = (keep(new_params, params), keep(new_opt_state, opt_state),
-             keep(new_mstate, mstate), keep(new_cstate, cstate),
-             loss_sum + jnp.where(has_data, batch_loss_sum, 0.0))
-    return carry, None
+    idx, wb, rng = step_batch(cfg, orders, num_examples, step_key, s)
+    new = sgd_step(algorithm, model, batch_fn, optimizer, global_params, carry, x[idx],
+                   y[idx], wb, rng, s)
+    has_data = (s % cfg.steps_per_epoch) * cfg.batch_size < num_examples
+    return jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, carry), None
 
-  init = (global_params, opt_state, model_state, client_state, jnp.zeros((), jnp.float32))
-  (params, _, model_state, client_state, loss_sum), _ = jax.lax.scan(
-      step, init, jnp.arange(cfg.num_steps))
+  final, _ = jax.lax.scan(step, init, jnp.arange(cfg.num_steps))
   num_trained = (cfg.epochs * num_examples).astype(jnp.float32)
-  return ClientResult(params, model_state, client_state, loss_sum, num_trained)
+  return ClientResult(final.params, final.model_state, final.client_state, final.loss_sum,
+                      num_trained)

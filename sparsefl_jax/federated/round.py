@@ -157,14 +157,14 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
   stream = cfg.stream_aggregate and cfg.client_map != "vmap" and streams_aggregate(algorithm)
   mesh = round_mesh(cfg)
 
-  def local_round(global_in, model_state, algo_state, lr, t, xs, ys, ns, keys):
+  def local_round(global_in, model_state, context, lr, t, xs, ys, ns, keys):
     """Trains the given clients; returns (aggregate part, per-client scalars)."""
     make_opt = lambda: client_optimizer(lr, cfg.momentum, cfg.weight_decay)
 
     def one_client(inputs):
       x, y, n, k = inputs
       res = client_lib.local_train(algorithm, model, batch_fn, cfg.local, make_opt, global_in,
-                                   model_state, algo_state, x, y, n, k, t)
+                                   model_state, context, x, y, n, k, t)
       upload = algorithm.client_upload(global_in, res.params, res.client_state, t)
       up = {"bytes": comm.tree_bytes(upload.values, cfg.comm_encoding),
             "nnz": comm.tree_nnz(upload.values), "mask_bits": jnp.int32(0)}
@@ -203,7 +203,8 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
     global_in = algorithm.broadcast(state.params, state.algo_state, t)
     lr = cfg.lr_schedule(t)
 
-    big, small = local_round(global_in, state.model_state, state.algo_state, lr, t,
+    context = algorithm.client_context(global_in, state.algo_state, t)
+    big, small = local_round(global_in, state.model_state, context, lr, t,
                              xs, ys, ns, client_keys)
     loss_sums, num_trained, up, cmetrics = jax.tree.map(lambda a: a[:k_real], small)
     weights = ns_real.astype(jnp.float32)

@@ -64,6 +64,14 @@ def threshold_keep(w: jax.Array, threshold: jax.Array) -> jax.Array:
   return (topk.abs32(w) >= threshold).astype(w.dtype)
 
 
+def layer_kernel(params, path: str) -> jax.Array:
+  """The kernel of the weight layer at module path `path` ('layer1_0/conv1')."""
+  node = params
+  for p in path.split("/"):
+    node = node[p]
+  return node["kernel"]
+
+
 def module_path(module) -> str:
   """'layer1_0/conv1' for a flax module bound at that path."""
   return "/".join(str(p) for p in module.path)
@@ -119,9 +127,11 @@ class SwatOp:
     compute_a = lambda: topk.topk_threshold(jax.lax.stop_gradient(x), d, self.method)
     if module.has_variable(COLLECTION, "refresh"):
       refresh = module.get_variable(COLLECTION, "refresh")
+      refresh_w = (module.get_variable(COLLECTION, "refresh_w")
+                   if module.has_variable(COLLECTION, "refresh_w") else refresh)
       cached_w = module.get_variable(COLLECTION, "thr_w")
       cached_a = module.get_variable(COLLECTION, "thr_a")
-      thr_w = jax.lax.cond(refresh, compute_w, lambda: cached_w)
+      thr_w = jax.lax.cond(refresh_w, compute_w, lambda: cached_w)
       thr_a = jax.lax.cond(refresh, compute_a, lambda: cached_a)
       if module.is_mutable_collection(COLLECTION):
         module.put_variable(COLLECTION, "thr_w", thr_w)
@@ -216,8 +226,13 @@ def layer_densities(params, sparsity: float, spec: str = "default",
 
 
 def cache_variables(densities: Sequence[Tuple[str, float]], refresh: jax.Array,
-                    cached: Optional[dict] = None) -> dict:
-  """The nested 'swat' collection: per sparse layer {refresh, thr_w, thr_a}."""
+                    cached: Optional[dict] = None, refresh_w: Optional[jax.Array] = None
+                    ) -> dict:
+  """The nested 'swat' collection: per sparse layer {refresh, [refresh_w,] thr_w, thr_a}.
+
+  `refresh` recomputes the activation threshold (and the weight threshold unless `refresh_w`
+  is given separately, e.g. False on step 0 when the clients received it with the model).
+  """
   out: dict = {}
   for name, _ in densities:
     node = out
@@ -226,6 +241,8 @@ def cache_variables(densities: Sequence[Tuple[str, float]], refresh: jax.Array,
       node = node.setdefault(p, {})
     prev = _lookup(cached, parts) if cached is not None else None
     node["refresh"] = refresh
+    if refresh_w is not None:
+      node["refresh_w"] = refresh_w
     node["thr_w"] = prev["thr_w"] if prev else jnp.zeros((), jnp.float32)
     node["thr_a"] = prev["thr_a"] if prev else jnp.zeros((), jnp.float32)
   return out
