@@ -83,7 +83,8 @@ class ExperimentConfig:
   block_size: int = _f(32, "Block edge for sparsity_structure=block.")
   matmul_impl: str = _f("xla", "Sparse layer matmul.", ("xla", "pallas"))
   # Engine.
-  client_map: str = _f("vmap", "How clients are mapped.", ("vmap", "map", "chunked"))
+  client_map: str = _f("auto", "How clients are mapped (auto: map for conv models on CPU, "
+                       "vmap otherwise).", ("auto", "vmap", "map", "chunked"))
   client_chunk_size: int = _f(2, "Clients per vmapped chunk for client_map=chunked.")
   num_devices: int = _f(1, "Devices to shard each round's clients over (1 = none; on CPU "
                        "set XLA_FLAGS=--xla_force_host_platform_device_count=N).")

@@ -18,6 +18,7 @@ from sparsefl_jax.checkpoint import Checkpointer
 from sparsefl_jax.config import ConfigError, ExperimentConfig
 from sparsefl_jax.data import preprocess
 from sparsefl_jax.federated import client as client_lib
+from sparsefl_jax.federated import client_map as client_map_lib
 from sparsefl_jax.federated import evaluation, optimizers, sharding
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
@@ -105,7 +106,9 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       num_clients=ds.num_clients, clients_per_round=cfg.clients_per_round,
       local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, ds.max_examples),
       lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end, cfg.rounds),
-      momentum=cfg.momentum, weight_decay=cfg.weight_decay, client_map=cfg.client_map,
+      momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+      client_map=client_map_lib.resolve_client_map(cfg.client_map, params,
+                                                   jax.default_backend()),
       client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding,
       num_devices=cfg.num_devices)
   mesh = round_lib.round_mesh(round_cfg)

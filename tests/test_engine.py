@@ -245,3 +245,15 @@ def test_bad_round_config_is_rejected():
   with pytest.raises(ValueError, match="client_map='pmap'"):
     RoundConfig(num_clients=6, clients_per_round=2, local=client_lib.LocalConfig(1, 4, 13),
                 lr_schedule=ClientLRSchedule(0.1), client_map="pmap")
+
+
+def test_auto_client_map_picks_map_for_conv_models_on_cpu():
+  from sparsefl_jax.federated.client_map import resolve_client_map
+  conv = {"conv1": {"kernel": np.zeros((3, 3, 1, 4)), "bias": np.zeros(4)},
+          "fc": {"kernel": np.zeros((8, 2))}}
+  dense = {"fc": {"kernel": np.zeros((8, 2)), "bias": np.zeros(2)}}
+  assert resolve_client_map("auto", conv, "cpu") == "map"
+  assert resolve_client_map("auto", conv, "gpu") == "vmap"
+  assert resolve_client_map("auto", dense, "cpu") == "vmap"
+  for explicit in ("vmap", "map", "chunked"):
+    assert resolve_client_map(explicit, conv, "cpu") == explicit
