@@ -63,8 +63,9 @@ class ExperimentConfig:
   sparsity_distribution: str = _f("uniform", "Per-layer sparsity (SWAT).", ("uniform", "erk"))
   topk_method: str = _f("bisection", "Exact top-K threshold algorithm.",
                         ("top_k", "bisection", "sort"))
-  topk_period: int = _f(1, "Recompute SWAT top-K thresholds every N local steps (cached "
-                        "in between).")
+  topk_period: int = _f(0, "Recompute SWAT top-K thresholds every N local steps (cached "
+                        "in between; 1 = exact top-K every step). 0 = SWAT's CIFAR setting: "
+                        "10 for unstructured masks, 1 for block masks.")
   initial_sparsity: float = _f(0.0, "FedSparsify schedule s_0.")
   prune_start_round: int = _f(1, "FedSparsify schedule t_0 (pruning starts after it).")
   prune_frequency: int = _f(1, "FedSparsify schedule F (prune every F rounds).")
@@ -188,7 +189,7 @@ class ExperimentConfig:
     if not 0.0 <= self.mask_ratio <= self.sparsity:
       raise ConfigError(f"mask_ratio={self.mask_ratio} must lie in [0, sparsity="
                         f"{self.sparsity}] (mask_ratio = sparsity uploads the whole model)")
-    _at_least(self, "topk_period", 1)
+    _at_least(self, "topk_period", 0)
     _at_least(self, "prune_start_round", 0)
     _at_least(self, "prune_frequency", 1)
     _at_least(self, "prune_exponent", 1)

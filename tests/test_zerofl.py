@@ -180,3 +180,16 @@ def test_shared_step0_thresholds_equal_per_client_thresholds(tmp_path, client_ma
   right = _round_with(SwatFL, cfg.replace(topk_period=3))
   assert any(not np.array_equal(a, b)
              for a, b in zip(jax.tree.leaves(wrong), jax.tree.leaves(right)))
+
+
+def test_topk_period_default_follows_swat():
+  """0 (the default) = SWAT's CIFAR configs: every 10 steps for unstructured masks; block
+  masks have no cache and refresh every step. Negative periods are refused."""
+  assert ZeroFL().topk_period == 10
+  assert SwatFL(structure="block").topk_period == 1
+  assert ZeroFL(topk_period=3).topk_period == 3
+  with pytest.raises(ValueError, match="topk_period=-1"):
+    ZeroFL(topk_period=-1)
+  cfg = ExperimentConfig(**SMALL, algorithm="swat", workdir="/tmp/unused")
+  assert cfg.topk_period == 0
+  assert SwatFL.from_config(cfg).topk_period == 10

@@ -22,6 +22,7 @@ from sparsefl_jax.sparsity import swat, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
 
 STRATEGIES = ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense")
+DEFAULT_TOPK_PERIOD = 10   # SWAT's CIFAR configs (U/ERK), algorithms.md §1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,8 @@ class ZeroFL(Algorithm):
     distribution: 'uniform' (SWAT-U) or 'erk' (SWAT-ERK) per-layer sparsities.
     method: exact threshold algorithm of `sparsity.topk`.
     topk_period: recompute SWAT's thresholds every N local steps (cached in between; the
-      step-0 weight thresholds are computed once per round for all clients).
+      step-0 weight thresholds are computed once per round for all clients). 0 = SWAT's CIFAR
+      setting: 10 for unstructured masks, 1 (exact every step) for block masks.
   """
   sparsity: float = 0.9
   mask_ratio: float = 0.0
@@ -44,7 +46,7 @@ class ZeroFL(Algorithm):
   sparse_layers: str = "default"
   distribution: str = "uniform"
   method: str = "bisection"
-  topk_period: int = 1
+  topk_period: int = 0
   structure: str = "unstructured"
   block_size: int = 32
   matmul_impl: str = "xla"
@@ -60,8 +62,11 @@ class ZeroFL(Algorithm):
     if not 0.0 <= self.mask_ratio <= self.sparsity:
       raise ValueError(f"mask_ratio={self.mask_ratio} must lie in [0, sparsity="
                        f"{self.sparsity}]")
-    if self.topk_period < 1:
-      raise ValueError(f"topk_period={self.topk_period} must be >= 1")
+    if self.topk_period < 0:
+      raise ValueError(f"topk_period={self.topk_period} must be >= 0 (0 = SWAT's default)")
+    if self.topk_period == 0:
+      object.__setattr__(self, "topk_period",
+                         DEFAULT_TOPK_PERIOD if self.structure == "unstructured" else 1)
     if self.topk_period > 1 and self.structure != "unstructured":
       raise ValueError(f"topk_period={self.topk_period} caches element thresholds; with "
                        f"sparsity_structure={self.structure!r} use topk_period=1")
