@@ -69,7 +69,11 @@ flags.DEFINE_integer("topk_period", 10, "SWAT/ZeroFL: recompute top-K thresholds
 flags.DEFINE_list("sparse", ["swat:0.9", "sparsyfed:0.95"], "Sparse-vs-dense section: "
                   "algorithm:sparsity pairs timed beside dense FedAvg; empty to skip.")
 flags.DEFINE_list("sparse_workloads", ["W1"], "Workloads of the sparse-vs-dense section.")
-flags.DEFINE_list("sparse_maps", ["map", "vmap"], "Client maps of the sparse-vs-dense section.")
+flags.DEFINE_list("sparse_maps", ["vmap", "map", "chunked"],
+                  "Client maps of the sparse-vs-dense section.")
+flags.DEFINE_list("sparse_baselines", ["loop_clients"], "JAX loop baselines of the "
+                  "sparse-vs-dense section (loop_steps, loop_clients).")
+flags.DEFINE_integer("sparse_rounds", 3, "Timed rounds per row of the sparse-vs-dense section.")
 flags.DEFINE_list("client_maps", ["vmap", "map", "chunked"], "Client maps to time.")
 flags.DEFINE_integer("chunk_size", 5, "Clients per vmapped chunk for client_map=chunked.")
 flags.DEFINE_list("baselines", ["loop_steps", "loop_clients", "torch_loop"],
@@ -525,10 +529,13 @@ def sparse_vs_dense(workloads: Sequence[Workload], peak: float, rounds: int, war
         print(f"NOTE: sparse algorithm {name!r} is not available; skipped")
         continue
       setups.append((name, float(sp), build_setup(wl, name, sparsity=float(sp))))
-    for mode in FLAGS.sparse_maps:
+    for mode in list(FLAGS.sparse_maps) + list(FLAGS.sparse_baselines):
       dense_s = None
       for name, sp, s in setups:
-        r = time_engine(s, wl.clients_per_round, mode, rounds, warmup)
+        if mode in LOOPS:
+          r = time_loop(s, wl.clients_per_round, mode, rounds, warmup)
+        else:
+          r = time_engine(s, wl.clients_per_round, mode, rounds, warmup)
         r.pop("first_params")
         flops = round_flops(s, wl.clients_per_round, step_flops(s))
         dense_s = dense_s or r["seconds"]
@@ -540,6 +547,12 @@ def sparse_vs_dense(workloads: Sequence[Workload], peak: float, rounds: int, war
         print(f"  sparse {wl.name} {mode:8s} {name:10s} sp={sp:.2f}: {r['seconds']:8.3f} "
               f"s/round = {r['x_dense']:.2f}x dense (compile {r['compile_s']:.1f} s, "
               f"recompiles {r['compiles_during_timing']})", flush=True)
+  for r in rows:       # engine vs loop, same workload and algorithm
+    for b in FLAGS.sparse_baselines:
+      ref = [q for q in rows if q["mode"] == b and q["workload"] == r["workload"]
+             and q["algorithm"] == r["algorithm"]]
+      if ref:
+        r[f"speedup_vs_{b}"] = ref[0]["seconds"] / r["seconds"]
   return rows
 
 
@@ -674,6 +687,7 @@ def main(argv) -> None:
     FLAGS.devices = ["1", "2"]
     FLAGS.device_workload, FLAGS.device_clients, FLAGS.device_rounds = "W0", 4, 2
     FLAGS.sparse_workloads, FLAGS.sparse_maps = ["W0"], ["vmap"]
+    FLAGS.sparse_baselines = ["loop_clients"]
     rounds, warmup = 2, 1
   else:
     rounds, warmup = FLAGS.rounds, FLAGS.warmup
@@ -695,7 +709,8 @@ def main(argv) -> None:
   if FLAGS.sparse:
     print(f"sparse vs dense rounds (topk_period={FLAGS.topk_period}):")
     results["sparse_vs_dense"] = sparse_vs_dense(
-        [WORKLOADS[w] for w in FLAGS.sparse_workloads], peak, rounds, warmup)
+        [WORKLOADS[w] for w in FLAGS.sparse_workloads], peak,
+        rounds if FLAGS.quick else FLAGS.sparse_rounds, warmup)
   if FLAGS.scaling and algos:
     print("scaling in clients per round:")
     results["scaling"] = scaling([WORKLOADS[w] for w in FLAGS.scaling_workloads], algos[0],
@@ -711,10 +726,14 @@ def main(argv) -> None:
   print()
   print_table(results["rounds"])
   if results.get("sparse_vs_dense"):
-    print("\n| workload | map | algorithm | sparsity | s/round | × dense |\n|---|---|---|---|---|---|")
+    bl = list(FLAGS.sparse_baselines)
+    print("\n| workload | map | algorithm | sparsity | s/round | × dense | "
+          + "".join(f"× vs {b} | " for b in bl) + "\n|" + "---|" * (6 + len(bl)))
     for r in results["sparse_vs_dense"]:
+      ratios = "".join(f"{r[f'speedup_vs_{b}']:.2f} | " if f"speedup_vs_{b}" in r else "- | "
+                       for b in bl)
       print(f"| {r['workload']} | {r['mode']} | {r['algorithm']} | {r['sparsity']:.2f} | "
-            f"{r['seconds']:.3f} | {r['x_dense']:.2f} |")
+            f"{r['seconds']:.3f} | {r['x_dense']:.2f} | {ratios}")
   print(f"\nmatmul peak {peak:.1f} GFLOP/s at start, "
         f"{results['matmul_peak_gflops_end']:.1f} at end; total "
         f"{results['total_seconds']:.0f} s; max RSS {results['max_rss_mb']:.0f} MB")
