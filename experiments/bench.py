@@ -73,7 +73,7 @@ flags.DEFINE_list("sparse_maps", ["vmap", "map", "chunked"],
                   "Client maps of the sparse-vs-dense section.")
 flags.DEFINE_list("sparse_baselines", ["loop_clients"], "JAX loop baselines of the "
                   "sparse-vs-dense section (loop_steps, loop_clients).")
-flags.DEFINE_integer("sparse_rounds", 3, "Timed rounds per row of the sparse-vs-dense section.")
+flags.DEFINE_integer("sparse_rounds", 2, "Timed rounds per row of the sparse-vs-dense section.")
 flags.DEFINE_list("client_maps", ["vmap", "map", "chunked"], "Client maps to time.")
 flags.DEFINE_integer("chunk_size", 5, "Clients per vmapped chunk for client_map=chunked.")
 flags.DEFINE_list("baselines", ["loop_steps", "loop_clients", "torch_loop"],
