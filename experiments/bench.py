@@ -318,7 +318,6 @@ class _Loop:
   clients, jitted aggregation (the same math as round_step). Subclasses train one client."""
 
   def __init__(self, s: Setup, k: int):
-    self.s, self.k = s, k
     self.cfg = cfg = round_config(s, k, "vmap")
     alg = s.algorithm
 

@@ -58,14 +58,8 @@ class SparsyFed(TopK):
     return bound, powerprop.PowerpropOp(self.beta, act_pruning=True, method=self.method)
 
   def _betas(self, params) -> dict:
-    kernels = swat.weight_layers(params, self.layers)
-    out = {}
-    for name in kernels:
-      node = params
-      for p in name.split("/"):
-        node = node[p]
-      out[name] = powerprop.spectral_exponent(node["kernel"])
-    return out
+    return {name: powerprop.spectral_exponent(swat.layer_kernel(params, name))
+            for name in swat.weight_layers(params, self.layers)}
 
   def client_context(self, global_params, algo_state, t):
     """The spectral exponents depend only on the broadcast model: computed once per round."""

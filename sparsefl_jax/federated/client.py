@@ -155,7 +155,7 @@ def local_train(algorithm: Algorithm, model, batch_fn: BatchFn, cfg: LocalConfig
     idx, wb, rng = step_batch(cfg, orders, num_examples, step_key, s)
     new = sgd_step(algorithm, model, batch_fn, optimizer, global_params, carry, x[idx],
                    y[idx], wb, rng, s)
-    has_data = (s % cfg.steps_per_epoch) * cfg.batch_size < num_examples
+    has_data = wb[0] > 0          # the batch's first slot is real iff the batch has data
     return jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, carry), None
 
   final, _ = jax.lax.scan(step, init, jnp.arange(cfg.num_steps))
