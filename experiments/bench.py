@@ -389,7 +389,7 @@ class LoopSteps(_Loop):
     def train_step(global_in, carry, lr, xb, yb, orders, n, step_key, step):
       _, wb, rng = client_lib.step_batch(cfg.local, orders, n, step_key, step)
       return client_lib.sgd_step(alg, s.model, s.batch_fn, client_optimizer(lr), global_in,
-                                 carry, xb, yb, wb, rng, step)
+                                 carry, xb, yb, wb, rng, client_lib.local_step(cfg.local, step))
 
     @jax.jit
     def upload(global_in, carry, t):

@@ -83,9 +83,12 @@ class SparsyFed(TopK):
       betas = client_state["betas"] if train else self._betas(params)
       extra[powerprop.BETA_COLLECTION] = powerprop.beta_variables(betas)
     use_cache = train and self.act_threshold == "first_batch" and step is not None
+    if train:
+      extra[swat.ROWS_COLLECTION] = swat.row_mask_variables(self.layers, example_mask)
     if use_cache:
       dens = tuple((name, 0.0) for name in self.layers)
-      extra[swat.COLLECTION] = swat.cache_variables(dens, step == 0, client_state["thr"])
+      extra[swat.COLLECTION] = swat.cache_variables(dens, step.index == 0,
+                                                    client_state["thr"])
     if not extra:
       return super().forward(model, params, model_state, x, train=train,
                              example_mask=example_mask, rngs=rngs, client_state=client_state,

@@ -126,17 +126,26 @@ class ZeroFL(Algorithm):
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
               step=None):
-    if not train or not self._caches() or step is None:
+    if not train or step is None:
       return super().forward(model, params, model_state, x, train=train,
                              example_mask=example_mask, rngs=rngs, client_state=client_state,
                              step=step)
     dens = self.densities(params)
-    refresh = (step % self.topk_period) == 0
-    cache = swat.cache_variables(dens, refresh, client_state, refresh_w=refresh & (step > 0))
-    variables = {"params": params, **model_state, swat.COLLECTION: cache}
+    extra = {swat.ROWS_COLLECTION: swat.row_mask_variables([n for n, _ in dens],
+                                                           example_mask)}
+    if self._caches():
+      # SWAT refreshes when the batch index WITHIN the epoch divides the period, so the
+      # schedule does not depend on the padded length (other clients' sizes).
+      refresh = (step.batch % self.topk_period) == 0
+      extra[swat.COLLECTION] = swat.cache_variables(dens, refresh, client_state,
+                                                    refresh_w=refresh & (step.index > 0))
+    variables = {"params": params, **model_state, **extra}
+    mutable = [*model_state.keys()] + ([swat.COLLECTION] if self._caches() else [])
     logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
-                              mutable=[*model_state.keys(), swat.COLLECTION])
+                              mutable=mutable)
     new_state = {k: new[k] for k in model_state}
+    if not self._caches():
+      return logits, new_state, client_state
     return logits, new_state, swat.cached_thresholds(new[swat.COLLECTION], dens)
 
   # ---- uplink ------------------------------------------------------------------------------

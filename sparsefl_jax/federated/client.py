@@ -73,6 +73,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+class LocalStep(NamedTuple):
+  """Where a local step sits in the client's schedule; every field is unbatched (shared by
+  all clients), so predicates on it stay real `lax.cond`s under the client vmap.
+
+  `index` is the step of the padded schedule; `epoch` and `batch` (the batch index within the
+  epoch) do not depend on the padded length, so hooks that must be padding-invariant (SWAT's
+  threshold refresh) key on them.
+  """
+  index: jax.Array
+  epoch: jax.Array
+  batch: jax.Array
+
+
+def local_step(cfg: LocalConfig, s) -> LocalStep:
+  """The `LocalStep` of padded step `s`."""
+  s = jnp.asarray(s, jnp.int32)
+  return LocalStep(s, s // cfg.steps_per_epoch, s % cfg.steps_per_epoch)
+
+
 class StepCarry(NamedTuple):
   """What one local step reads and writes."""
   params: Params
@@ -85,7 +104,7 @@ class StepCarry(NamedTuple):
 def sgd_step(algorithm: Algorithm, model, batch_fn: BatchFn,
              optimizer: optax.GradientTransformation, global_params: Params,
              carry: StepCarry, x_raw: jax.Array, y: jax.Array, weights: jax.Array,
-             rng: PRNGKey, step: jax.Array) -> StepCarry:
+             rng: PRNGKey, step: LocalStep) -> StepCarry:
   """One local step on one raw batch: forward, loss, gradient, algorithm hooks, optax update.
 
   `weights` (B,) is 1 for real examples and 0 for padding; `rng` is split into augmentation
@@ -154,7 +173,7 @@ def local_train(algorithm: Algorithm, model, batch_fn: BatchFn, cfg: LocalConfig
   def step(carry, s):
     idx, wb, rng = step_batch(cfg, orders, num_examples, step_key, s)
     new = sgd_step(algorithm, model, batch_fn, optimizer, global_params, carry, x[idx],
-                   y[idx], wb, rng, s)
+                   y[idx], wb, rng, local_step(cfg, s))
     has_data = wb[0] > 0          # the batch's first slot is real iff the batch has data
     return jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, carry), None
 

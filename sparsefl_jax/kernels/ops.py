@@ -114,11 +114,12 @@ class BlockSparseOp:
     w2d = lax.stop_gradient(block_lib.as_2d(kernel))
     return block_lib.block_topk_mask(w2d, self.density, (cfg.bk, cfg.bn), self.norm)
 
-  def _sparse_act(self, x: Array) -> Array:
+  def _sparse_act(self, module: nn.Module, x: Array) -> Array:
     if self.activation_density is None:
       return x
-    return topk.apply_threshold(x, topk.topk_threshold(lax.stop_gradient(x),
-                                                       self.activation_density))
+    from sparsefl_jax.sparsity import swat  # local: swat imports this module lazily
+    return topk.apply_threshold(
+        x, swat.activation_threshold(module, x, self.activation_density, 'top_k'))
 
   def _matmul(self, x2d: Array, xs2d: Array, w2d: Array, mask: Array) -> Array:
     cfg = self.config()
@@ -132,7 +133,7 @@ class BlockSparseOp:
     del contract
     w2d = block_lib.as_2d(kernel)
     mask = self.block_mask(kernel)
-    xs = self._sparse_act(x)
+    xs = self._sparse_act(module, x)
     if isinstance(module, layers.Conv):
       kh, kw = kernel.shape[:2]
       patches = _conv_patches(module, x, (kh, kw))

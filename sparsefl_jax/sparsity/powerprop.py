@@ -104,7 +104,7 @@ class PowerpropOp:
     if not self.act_pruning:
       return contract(x, w)
     density = 1.0 - jnp.mean(jax.lax.stop_gradient(w) == 0, dtype=jnp.float32)
-    compute = lambda: topk.topk_threshold(jax.lax.stop_gradient(x), density, self.method)
+    compute = lambda: swat.activation_threshold(module, x, density, self.method)
     if module.has_variable(swat.COLLECTION, "refresh"):
       refresh = module.get_variable(swat.COLLECTION, "refresh")
       cached = module.get_variable(swat.COLLECTION, "thr_a")

@@ -30,6 +30,9 @@ from sparsefl_jax.sparsity import topk
 
 Contract = Callable[[jax.Array, jax.Array], jax.Array]
 COLLECTION = "swat"
+# Per sparse layer {'mask': (B,) bool}: the real rows of the training batch, so activation
+# top-K thresholds rank and count real examples only (padding never changes training).
+ROWS_COLLECTION = "batch_rows"
 
 
 def keep_above(x: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -57,6 +60,31 @@ def _swat_bwd(contract, residuals, g):
 
 
 swat_contract.defvjp(_swat_fwd, _swat_bwd)
+
+
+def activation_threshold(module, x: jax.Array, density, method: str = "bisection"
+                         ) -> jax.Array:
+  """SWAT's activation top-K threshold of the layer input `x` over the batch's real rows.
+
+  The rows come from the module's 'batch_rows' variable when the model is applied with
+  `row_mask_variables(...)` (training); without it every row counts (evaluation, direct use).
+  """
+  rows = (module.get_variable(ROWS_COLLECTION, "mask")
+          if module.has_variable(ROWS_COLLECTION, "mask") else None)
+  return topk.rows_topk_threshold(jax.lax.stop_gradient(x), density, rows, method)
+
+
+def row_mask_variables(paths: Sequence[str], example_mask: Optional[jax.Array]) -> dict:
+  """The nested 'batch_rows' collection {layer path parts...: {'mask': example_mask}}."""
+  out: dict = {}
+  if example_mask is None:
+    return out
+  for name in paths:
+    node = out
+    for p in name.split("/"):
+      node = node.setdefault(p, {})
+    node["mask"] = jnp.asarray(example_mask, bool)
+  return out
 
 
 def threshold_keep(w: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -124,7 +152,7 @@ class SwatOp:
     if self.structure == "block":
       return self._block(module, contract, x, kernel, d)
     compute_w = lambda: topk.topk_threshold(jax.lax.stop_gradient(kernel), d, self.method)
-    compute_a = lambda: topk.topk_threshold(jax.lax.stop_gradient(x), d, self.method)
+    compute_a = lambda: activation_threshold(module, x, d, self.method)
     if module.has_variable(COLLECTION, "refresh"):
       refresh = module.get_variable(COLLECTION, "refresh")
       refresh_w = (module.get_variable(COLLECTION, "refresh_w")
@@ -152,7 +180,7 @@ class SwatOp:
     w = jax.lax.stop_gradient(kernel)
     keep = block.expand_block_mask(block.block_topk_mask(block.as_2d(w), d, bs), bs,
                                    kernel.shape).astype(kernel.dtype)
-    thr_a = topk.topk_threshold(jax.lax.stop_gradient(x), d, self.method)
+    thr_a = activation_threshold(module, x, d, self.method)
     return swat_contract(contract, x, kernel, keep, thr_a)
 
 

@@ -240,6 +240,35 @@ def topk_threshold(x: jax.Array, density: Any,
   return kth_largest([abs32(x)], k, method)
 
 
+def rows_topk_threshold(x: jax.Array, density: Any, row_mask: Optional[jax.Array] = None,
+                        method: str = "top_k") -> jax.Array:
+  """`topk_threshold` over the real rows of `x` only (SWAT's activation top-K of a batch).
+
+  `row_mask` (x.shape[0],) marks the real examples of a padded batch. Padding rows are left
+  out of the ranking and of the count: k = ceil(density · r · size/rows) for r real rows, so
+  a partial batch gets exactly the threshold its real rows would get alone. None (or an
+  all-True mask) gives `topk_threshold(x, density)`.
+  """
+  if row_mask is None:
+    return topk_threshold(x, density, method)
+  check_method(method)
+  check_fraction("density", density)
+  rows = x.shape[0]
+  if jnp.shape(row_mask) != (rows,):
+    raise ValueError(f"row_mask shape {jnp.shape(row_mask)} does not match the {rows} rows "
+                     f"of x {x.shape}")
+  per_row = int(np.size(x)) // max(rows, 1)
+  # k for every possible count of real rows (static table; a traced density stays exact).
+  ks = jnp.stack([jnp.asarray(num_to_keep(r * per_row, density), jnp.int32)
+                  for r in range(rows + 1)])
+  k = ks[jnp.sum(jnp.asarray(row_mask, bool), dtype=jnp.int32)]
+  keep_row = jnp.asarray(row_mask, bool).reshape((rows,) + (1,) * (x.ndim - 1))
+  # Padding ranks as |0|, below every real entry: for k <= real entries the k-th largest is
+  # that of the real rows alone. lax.top_k needs a static k; 'sort' is exact too.
+  return kth_largest([jnp.where(keep_row, abs32(x), 0.0)], k,
+                     "sort" if method == "top_k" else method)
+
+
 def topk_mask(x: jax.Array, density: Any, method: str = "top_k") -> jax.Array:
   """Boolean mask |x| >= k-th largest |x| (ties may keep more than k)."""
   return abs32(x) >= topk_threshold(x, density, method)
