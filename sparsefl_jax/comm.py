@@ -8,6 +8,9 @@ Encodings (bytes per tensor of ``size`` entries with ``nnz`` non-zeros):
                  tensor is vectorised before encoding, so rows = 1 and a
                  tensor costs 8 * nnz + 8 bytes.
 * ``'bitmask'``: ceil(size / 8) bytes of 1-bit mask + 4 * nnz values.
+* ``'auto'`` (the default): the cheapest of the three for each tensor, as a
+  real system would send it (dense for a dense tensor, bitmask from about
+  3% to 97% density, CSR below).
 
 FedSparsify's transmission cost (reported in Megabits, no compression) is
 32 bits per transmitted value plus 1 bit per parameter for every uploaded
@@ -34,7 +37,7 @@ from sparsefl_jax.sparsity import topk
 
 PyTree = Any
 
-ENCODINGS = ("dense", "csr", "bitmask")
+ENCODINGS = ("auto", "dense", "csr", "bitmask")
 VALUE_BYTES = 4
 INDEX_BYTES = 4
 MB = 10**6
@@ -50,6 +53,11 @@ def check_encoding(encoding: str) -> None:
 def encoded_bytes(nnz: Any, size: Any, encoding: str, rows: Any = 1) -> Any:
   """Bytes to send one tensor with ``nnz`` non-zeros out of ``size``."""
   check_encoding(encoding)
+  if encoding == "auto":
+    costs = [encoded_bytes(nnz, size, e, rows) for e in ("dense", "csr", "bitmask")]
+    if any(isinstance(c, jax.Array) for c in costs):
+      return jnp.minimum(jnp.minimum(costs[0], costs[1]), costs[2])
+    return min(costs)
   if encoding == "dense":
     return VALUE_BYTES * size
   if encoding == "csr":
@@ -74,7 +82,7 @@ def tree_size(tree: PyTree,
   return masks_lib.size(tree, filter_fn)
 
 
-def tree_bytes(tree: PyTree, encoding: str = "csr",
+def tree_bytes(tree: PyTree, encoding: str = "auto",
                filter_fn: Optional[topk.FilterFn] = None) -> jax.Array:
   """Bytes to send the selected leaves, each encoded as one tensor (int32).
 
@@ -88,7 +96,7 @@ def tree_bytes(tree: PyTree, encoding: str = "csr",
   return total
 
 
-def tree_bytes_host(tree: PyTree, encoding: str = "csr",
+def tree_bytes_host(tree: PyTree, encoding: str = "auto",
                     filter_fn: Optional[topk.FilterFn] = None) -> int:
   """``tree_bytes`` as an exact Python int (host-side, NumPy arrays)."""
   check_encoding(encoding)

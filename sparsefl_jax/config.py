@@ -89,8 +89,10 @@ class ExperimentConfig:
   client_chunk_size: int = _f(2, "Clients per vmapped chunk for client_map=chunked.")
   num_devices: int = _f(1, "Devices to shard each round's clients over (1 = none; on CPU "
                        "set XLA_FLAGS=--xla_force_host_platform_device_count=N).")
-  comm_encoding: str = _f("dense", "Byte encoding for uplink/downlink accounting.",
-                          ("dense", "csr", "bitmask"))
+  comm_encoding: str = _f("auto", "Byte encoding for uplink/downlink accounting: auto = "
+                          "each tensor in the cheapest of dense, csr and bitmask (what a real "
+                          "system sends); the fixed ones match a paper's own counting.",
+                          ("auto", "dense", "csr", "bitmask"))
   # Evaluation, output, reproducibility.
   eval_every: int = _f(1, "Evaluate every N rounds (and always after the last); 0 = last only.")
   eval_batch_size: int = _f(1000, "Evaluation batch size.")

@@ -47,11 +47,13 @@ def init_params(seed=1):
 
 
 def make_round(algorithm, k=3, epochs=2, batch=4, lr=0.1, momentum=0.0, wd=0.0,
-               client_map="vmap", chunk=2, server=None, max_examples=M):
+               client_map="vmap", chunk=2, server=None, max_examples=M,
+               comm_encoding="dense"):
   cfg = RoundConfig(num_clients=P, clients_per_round=k,
                     local=client_lib.LocalConfig(epochs, batch, max_examples),
                     lr_schedule=ClientLRSchedule(lr), momentum=momentum, weight_decay=wd,
-                    client_map=client_map, client_chunk_size=chunk)
+                    client_map=client_map, client_chunk_size=chunk,
+                    comm_encoding=comm_encoding)
   step = jit_round_step(build_round_step(algorithm, Softmax(), batch_fn, cfg, server),
                         donate=False)
   state = init_server_state(algorithm, init_params(), {}, server, jax.random.PRNGKey(7))

@@ -52,7 +52,7 @@ def init_params(seed=1):
 def make_round(algorithm, k=P, momentum=0.9, wd=1e-3, server=None, epochs=2):
   cfg = RoundConfig(num_clients=P, clients_per_round=k,
                     local=client_lib.LocalConfig(epochs, 4, M), lr_schedule=ClientLRSchedule(0.1),
-                    momentum=momentum, weight_decay=wd)
+                    momentum=momentum, weight_decay=wd, comm_encoding="dense")
   step = jit_round_step(build_round_step(algorithm, MODEL, batch_fn, cfg, server), donate=False)
   state = init_server_state(algorithm, init_params(), {}, server, jax.random.PRNGKey(7))
   return step, state
@@ -305,12 +305,14 @@ def test_local_uploads_include_mask_bits():
 
 
 def test_local_run_cost_and_resume(tmp_path):
-  """The metrics stream counts one N-bit mask per client; resuming the mask state is exact."""
+  """The metrics stream counts one N-bit mask per client in the rounds where clients prune
+  (rounds > t_0 = 1); resuming the mask state is exact."""
   kw = dict(algorithm="fedsparsify_local", rounds=4, sparsity=0.8, checkpoint_every=2)
   cfg, full = run(tmp_path, "a", **kw)
   n, k = 36 * 32 + 32 + 32 * 4 + 4, cfg.clients_per_round
   for r in full:
-    assert r["fedsparsify_cost_mbits"] == pytest.approx((32 * r["transmitted_params"] + k * n)
+    masks = k * n if r["round"] > cfg.prune_start_round else 0
+    assert r["fedsparsify_cost_mbits"] == pytest.approx((32 * r["transmitted_params"] + masks)
                                                         / 1e6)
     assert r["transmitted_params"] == r["uplink_nnz"] + r["downlink_nnz"]
   assert full[-1]["nnz_params"] < 0.5 * n

@@ -23,7 +23,7 @@ branches under vmap. Per-client hooks run under the client map (vmap or lax.map)
 for ONE client; the engine adds the client axis.
 """
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,12 @@ class Upload(NamedTuple):
   `values` holds weights when the algorithm's `uplink` is 'weights' and weight differences
   (local − global) when it is 'delta'. `mask` is an optional params-shaped boolean tree sent
   alongside (1 bit per entry, e.g. FedSparsify-Local's local mask); None when none is sent.
+  `mask_sent` (a bool scalar) says whether the mask goes on the wire this round (None =
+  whenever there is one): a method that pruned nothing keeps it home and is not charged.
   """
   values: Params
   mask: Optional[PyTree] = None
+  mask_sent: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,9 @@ class Algorithm:
   default_server_optimizer: str = "none"
 
   name = "fedavg"
+  # How the broadcast model is counted on the downlink: None = the run's `comm_encoding`;
+  # a method whose paper sends the global model in a fixed format (ZeroFL: dense) names it.
+  downlink_encoding: ClassVar[Optional[str]] = None
   # Whether `aggregate` is the weighted mean of uploads (so the engine may stream it chunk by
   # chunk instead of stacking every upload); None = infer (True unless aggregate is overridden).
   streaming_aggregate = None
@@ -140,8 +146,9 @@ class Algorithm:
               ) -> tuple[jax.Array, PyTree, ClientState]:
     """Logits, updated model state (BatchNorm statistics) and client state of one batch.
 
-    `step` is the unbatched local step index (None in evaluation): a predicate on it stays a
-    real `lax.cond` under the client vmap (e.g. SWAT's threshold refresh every N steps).
+    `step` is a `federated.client.LocalStep` (padded step index, epoch, batch within the
+    epoch; None in evaluation), unbatched: a predicate on it stays a real `lax.cond` under the
+    client vmap (e.g. SWAT's threshold refresh every N batches of an epoch).
     Returning a new client state lets layer ops cache values across steps (thresholds).
     """
     del step

@@ -187,8 +187,11 @@ class FedSparsifyLocal(_MaskedTraining):
     def prune(_):
       return _and(client_state, self.prune_masks(local_params, self.schedule(t)))
 
-    mask = jax.lax.cond(self.schedule.is_update_round(t), prune, lambda _: client_state, None)
-    return Upload(masks_lib.apply_masks(local_params, mask), mask)
+    update = self.schedule.is_update_round(t)
+    mask = jax.lax.cond(update, prune, lambda _: client_state, None)
+    # Outside pruning rounds every client holds the global mask, which the server has: the
+    # mask stays home (and the vote over identical masks keeps exactly the global mask).
+    return Upload(masks_lib.apply_masks(local_params, mask), mask, mask_sent=update)
 
   def client_metrics(self, global_params: Params, upload: Upload, client_state: PyTree
                      ) -> Dict[str, Scalar]:

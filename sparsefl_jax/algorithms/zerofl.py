@@ -53,6 +53,7 @@ class ZeroFL(Algorithm):
   layer_densities: Tuple[Tuple[str, float], ...] = ()   # bound by setup()
 
   name = "zerofl"
+  downlink_encoding = "dense"   # ZeroFL compresses the uplink only; the global model goes dense
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -85,8 +86,13 @@ class ZeroFL(Algorithm):
 
   @property
   def upload_density(self) -> float:
-    """ρ = 1 − sp + r_mask."""
+    """ρ = 1 − sp + r_mask of a uniform (SWAT-U) layer."""
     return min(1.0, 1.0 - self.sparsity + self.mask_ratio)
+
+  def layer_upload_density(self, swat_density: float) -> float:
+    """ρ_ℓ = 1 − sp_ℓ + r_mask for a layer trained at SWAT density d_ℓ = 1 − sp_ℓ (ERK gives
+    each layer its own sp_ℓ; uniform gives every layer `upload_density`)."""
+    return min(1.0, swat_density + self.mask_ratio)
 
   def setup(self, params, layer_order):
     dens = swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution,
@@ -151,13 +157,12 @@ class ZeroFL(Algorithm):
   # ---- uplink ------------------------------------------------------------------------------
   def _upload_masks(self, scores, params):
     """Per-layer top-ρ masks of `scores` on the SWAT-sparse kernels; all-True elsewhere."""
-    sparse = {name for name, _ in self.densities(params)}
-    rho = self.upload_density
+    rho = {name: self.layer_upload_density(d) for name, d in self.densities(params)}
 
     def density_of(key_path, _):
       path = topk.path_str(key_path)
-      is_sparse_kernel = path.endswith("/kernel") and path[:-len("/kernel")] in sparse
-      return rho if is_sparse_kernel else None
+      is_sparse_kernel = path.endswith("/kernel") and path[:-len("/kernel")] in rho
+      return rho[path[:-len("/kernel")]] if is_sparse_kernel else None
 
     dens = jax.tree_util.tree_map_with_path(density_of, scores)
     return topk.layerwise_topk_masks(scores, dens, self.method)

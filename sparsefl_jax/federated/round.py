@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from sparsefl_jax import comm
-from sparsefl_jax.algorithms.base import Algorithm
+from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import sharding
 from sparsefl_jax.federated.aggregation import weighted_mean
@@ -43,7 +43,7 @@ class RoundConfig:
   weight_decay: float = 0.0
   client_map: str = "vmap"
   client_chunk_size: int = 1
-  comm_encoding: str = "dense"
+  comm_encoding: str = "auto"
   num_devices: int = 1           # > 1: shard the clients over a mesh of that many devices
   stream_aggregate: bool = True  # 'map'/'chunked': accumulate Σ n_k·upload_k, never stack
 
@@ -166,13 +166,7 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
       res = client_lib.local_train(algorithm, model, batch_fn, cfg.local, make_opt, global_in,
                                    model_state, context, x, y, n, k, t)
       upload = algorithm.client_upload(global_in, res.params, res.client_state, t)
-      up = {"bytes": comm.tree_bytes(upload.values, cfg.comm_encoding),
-            "nnz": comm.tree_nnz(upload.values), "mask_bits": jnp.int32(0)}
-      if upload.mask is not None:   # 1 bit per entry, whole bytes per tensor
-        mask_size = sum(m.size for m in jax.tree.leaves(upload.mask))
-        up["bytes"] = up["bytes"] + sum(comm.encoded_bytes(0, m.size, "bitmask")
-                                        for m in jax.tree.leaves(upload.mask))
-        up["mask_bits"] = jnp.int32(mask_size)
+      up = uplink_cost(upload, res.model_state, cfg.comm_encoding)
       cmetrics = algorithm.client_metrics(global_in, upload, res.client_state)
       small = (res.loss_sum, res.num_trained, up, cmetrics)
       return (upload.values if stream else upload, res.model_state), small
@@ -234,8 +228,8 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
         "uplink_bytes_per_client": up["bytes"],
         "uplink_nnz_per_client": up["nnz"],
         "uplink_mask_bits_per_client": up["mask_bits"],
-        "downlink_bytes_per_client": comm.tree_bytes(global_in, cfg.comm_encoding),
-        "downlink_nnz_per_client": comm.tree_nnz(global_in),
+        **{f"downlink_{k}_per_client": v for k, v in downlink_cost(
+            algorithm, global_in, state.model_state, cfg.comm_encoding).items()},
         "global_density": comm.tree_nnz(params) / comm.tree_size(params),
         **{k: jnp.sum(v * weights) / jnp.sum(weights) for k, v in cmetrics.items()},
         **algorithm.server_metrics(state.params, params, algo_state),
@@ -246,6 +240,36 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
     return new_state, metrics
 
   return round_step
+
+
+def uplink_cost(upload: Upload, model_state: ModelState, encoding: str
+                ) -> Dict[str, jax.Array]:
+  """Bytes, sent values and mask bits of one client's upload.
+
+  The upload's values and the client's BatchNorm statistics (averaged by the server like
+  weights, so they travel too) are each encoded per tensor with `encoding`; a mask costs 1 bit
+  per entry (whole bytes per tensor), and only in rounds where the method sends it.
+  """
+  cost = {"bytes": comm.tree_bytes(upload.values, encoding)
+                   + comm.tree_bytes(model_state, encoding),
+          "nnz": comm.tree_nnz(upload.values) + comm.tree_nnz(model_state),
+          "mask_bits": jnp.int32(0)}
+  if upload.mask is not None:
+    leaves = jax.tree.leaves(upload.mask)
+    sent = jnp.asarray(True if upload.mask_sent is None else upload.mask_sent)
+    mask_bytes = sum(comm.encoded_bytes(0, m.size, "bitmask") for m in leaves)
+    cost["bytes"] = cost["bytes"] + jnp.where(sent, mask_bytes, 0).astype(jnp.int32)
+    cost["mask_bits"] = jnp.where(sent, sum(m.size for m in leaves), 0).astype(jnp.int32)
+  return cost
+
+
+def downlink_cost(algorithm: Algorithm, global_params: Params, model_state: ModelState,
+                  encoding: str) -> Dict[str, jax.Array]:
+  """Bytes and sent values of the broadcast to ONE client: the model in the method's
+  downlink encoding (default: the run's) and the BatchNorm statistics in the run's."""
+  return {"bytes": comm.tree_bytes(global_params, algorithm.downlink_encoding or encoding)
+                   + comm.tree_bytes(model_state, encoding),
+          "nnz": comm.tree_nnz(global_params) + comm.tree_nnz(model_state)}
 
 
 def round_mesh(cfg: RoundConfig) -> Optional[Mesh]:
