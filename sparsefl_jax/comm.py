@@ -109,7 +109,7 @@ def tree_bytes_host(tree: PyTree, encoding: str = "auto",
 def fedsparsify_cost_bits(global_nnz: Any, client_nnz: Any,
                           num_params: Any = 0,
                           masks_uploaded: bool = False) -> Any:
-  """FedSparsify's per-round transmission cost in bits (algorithms.md §7.2).
+  """FedSparsify's per-round transmission cost in bits (Stripelis et al., FedSparsify).
 
     32 * (K * nnz(global) + Σ_k nnz(upload_k)) + [masks] K * N
 

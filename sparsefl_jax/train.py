@@ -157,7 +157,7 @@ def _round_row(t: int, metrics: Dict[str, Any], seconds: float) -> Dict[str, Any
     total = int(v.sum()) if v.ndim else k * int(v)
     row[name[:-len("_per_client")]] = total
   mask_bits = row.pop("uplink_mask_bits")
-  # FedSparsify's transmission cost (algorithms.md §7.2): 32 bits per sent value + mask bits.
+  # FedSparsify's transmission cost (Stripelis et al.): 32 bits per sent value + mask bits.
   row["transmitted_params"] = row["uplink_nnz"] + row["downlink_nnz"]
   row["fedsparsify_cost_mbits"] = (32 * row["transmitted_params"] + mask_bits) / 1e6
   for k, v in host.items():

@@ -18,11 +18,16 @@ def test_encoded_bytes_formulas():
   assert comm.encoded_bytes(10, 100, "bitmask") == 13 + 40
   assert comm.encoded_bytes(0, 8, "bitmask") == 1
   assert int(comm.encoded_bytes(jnp.int32(10), 100, "csr")) == 88
-  assert set(comm.ENCODINGS) == {"dense", "csr", "bitmask"}
+  assert set(comm.ENCODINGS) == {"auto", "dense", "csr", "bitmask"}
+  # auto: the cheapest of the three (dense 400, csr 88, bitmask 53 at 10 of 100).
+  assert comm.encoded_bytes(10, 100, "auto") == 53
+  assert comm.encoded_bytes(1, 100, "auto") == 16          # csr below ~3% density
+  assert comm.encoded_bytes(100, 100, "auto") == 400       # dense when dense
+  assert int(comm.encoded_bytes(jnp.int32(1), 100, "auto")) == 16
 
 
 def test_unknown_encoding():
-  with pytest.raises(ValueError, match="'coo'.*dense, csr, bitmask"):
+  with pytest.raises(ValueError, match="'coo'.*auto, dense, csr, bitmask"):
     comm.encoded_bytes(1, 1, "coo")
   with pytest.raises(ValueError, match="accepted"):
     comm.tree_bytes({"a": jnp.ones(3)}, "gzip")
@@ -37,18 +42,15 @@ def sparse_tree(seed=0):
   return {"a": a, "b": b, "c": c}
 
 
-@pytest.mark.parametrize("encoding", ["dense", "csr", "bitmask"])
+@pytest.mark.parametrize("encoding", ["auto", "dense", "csr", "bitmask"])
 def test_tree_bytes_matches_explicit_count(encoding):
   tree = sparse_tree()
   want = 0
   for x in tree.values():
     nnz = sum(1 for v in x.ravel() if v != 0)
-    if encoding == "dense":
-      want += 4 * x.size
-    elif encoding == "csr":
-      want += 8 * nnz + 8
-    else:
-      want += math.ceil(x.size / 8) + 4 * nnz
+    costs = {"dense": 4 * x.size, "csr": 8 * nnz + 8,
+             "bitmask": math.ceil(x.size / 8) + 4 * nnz}
+    want += min(costs.values()) if encoding == "auto" else costs[encoding]
   jtree = jax.tree.map(jnp.asarray, tree)
   assert int(comm.tree_bytes(jtree, encoding)) == want
   assert comm.tree_bytes_host(tree, encoding) == want

@@ -14,7 +14,7 @@ running statistics live in model_state and are never pruned.
   1-bit mask; the server merges by majority vote (Eq. 2): a weight survives where at least
   `vote_threshold` clients kept it and gets the weighted mean over ALL K clients, zeros of the
   clients that pruned it included. The clients prune and the server votes (the paper's intended
-  wiring, not the release scripts' global purge, algorithms.md §3.5).
+  wiring; the release scripts pass the local purge as the global one, see BUILD.md).
 
 No regrowth: the mask only shrinks (new mask = old mask AND pruning mask) and `server_post`
 projects the model onto it every round. The mask is kept explicitly rather than read from the

@@ -1,4 +1,4 @@
-"""Top-K baseline as SparsyFed configures it (algorithms.md §4.9, §5 item 4a).
+"""Top-K baseline as SparsyFed configures it (Guastella et al. 2025, §5 baselines).
 
 Dense local training (β = 1); before upload each client keeps the top (1 − ŝ) of |w| over all
 conv and dense kernels jointly (biases and BatchNorm stay dense) and zeroes the rest; the

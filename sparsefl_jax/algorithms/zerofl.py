@@ -2,7 +2,7 @@
 
 Clients train with SWAT at sparsity sp (see `sparsity.swat`), then upload the top
 ρ = 1 − sp + r_mask fraction, per layer, of the SWAT-sparse layers; every other tensor is sent
-whole (algorithms.md §2.2). Three uplink strategies (Algorithm 1):
+whole (Qiu et al. 2022, §3.2). Three uplink strategies (Algorithm 1):
 
   topk_weights          send TopK_ρ(w_k)                       w' = Σ (n_k/n) w̃_k
   diff_on_topk_weights  send (w_k − w_t) at TopK_ρ(|w_k|)      w' = w_t + Σ (n_k/n) d̃_k
@@ -22,7 +22,7 @@ from sparsefl_jax.sparsity import swat, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
 
 STRATEGIES = ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense")
-DEFAULT_TOPK_PERIOD = 10   # SWAT's CIFAR configs (U/ERK), algorithms.md §1.2
+DEFAULT_TOPK_PERIOD = 10   # SWAT's CIFAR configs (U/ERK; the authors' yaml files)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ per-client metrics are dropped), split into D equal blocks and trained under `ja
 one block per device. The shard_map runs with check_vma=False: with the varying-axes type
 system on, the gradient with respect to a replicated (device-invariant) global model is
 silently psum-ed across devices, and every scan carry initialised from a constant would need
-a `pcast` (see /work/shared/reference/jax-on-this-cpu.md §6); the only collective the round
+a `pcast` (shard_map's varying-manual-axes checking); the only collective the round
 needs is the explicit psum of the streamed weighted sums.
 """
 import math

@@ -13,8 +13,8 @@ added outside the op so its gradient always uses the dense output gradient.
 Convolution defaults to im2col (shifted strided slices concatenated on the
 channel axis, then one ``dot_general``): on XLA:CPU a ``lax.conv`` backward inside
 ``lax.scan`` is 8-20x slower, and ``vmap`` over per-client kernels turns it into a
-slow grouped conv. A matmul has neither problem (see
-``/work/shared/reference/jax-on-this-cpu.md`` section 5).
+slow grouped conv. A matmul has neither problem (measured in BUILD.md,
+"Convolution").
 
 Initialisation uses flax's defaults (LeCun normal kernels, zero biases) unless a
 ``kernel_init``/``bias_init`` is given.

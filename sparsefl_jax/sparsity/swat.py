@@ -1,6 +1,6 @@
 """SWAT (Raihan & Aamodt 2020) as a layer op: sparse weights forward, sparse activations back.
 
-For a sparse layer with density d (algorithms.md §1.1–1.2):
+For a sparse layer with density d (Raihan & Aamodt 2020, Alg. 1 and the authors' code):
 
   forward   y  = f(a, TopK_d(W))          input activation dense
   saved        ã = TopK_d(a) over the whole activation tensor, W̃ = TopK_d(W)
@@ -207,7 +207,7 @@ def default_sparse_layers(layers: Dict[str, Tuple[int, ...]]) -> Tuple[str, ...]
   """ZeroFL's choice generalised: every weight layer except the last one called (the
   classifier), 1×1 convolutions (ResNet shortcuts) and a ResNet 'stem'. This gives exactly
   ZeroFL's sets: ResNet-18 → all 3×3 convs but the stem; LEAF CNN → conv1, conv2, fc1
-  (algorithms.md §2.4). `layers` must be in call order.
+  (Qiu et al. 2022, §4). `layers` must be in call order.
   """
   names = list(layers)
   last = names[-1] if names else None
