@@ -55,7 +55,6 @@ def test_reddi_transformation_matches_numpy_over_three_rounds(kind):
   opt = server_optimizer(kind, LR, b1=B1, b2=B2, eps=TAU)     # the default impl
   w = jnp.asarray(np.random.default_rng(1).normal(size=(4, 5)), jnp.float32)
   params, state = {"k": w}, opt.init({"k": w})
-  assert isinstance(state, FedOptState)
   ref = NumpyFedOpt(kind, w)
   for d in deltas():
     aggregate = params["k"] + d
