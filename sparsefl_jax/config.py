@@ -44,6 +44,9 @@ class ExperimentConfig:
   momentum: float = _f(0.0, "Client SGD momentum.")
   weight_decay: float = _f(0.0, "Client weight decay (coupled, as PyTorch SGD).")
   prox_mu: float = _f(0.01, "FedProx proximal coefficient μ.")
+  lr_horizon: int = _f(0, "Horizon T of lr_schedule=exponential in rounds (lr reaches lr_end "
+                       "at round T); 0 = --rounds. SparsyFed's code fixes T=700, also for its "
+                       "500-round Speech runs.")
   # Server.
   server_optimizer: str = _f("", "Server optimizer on the pseudo-gradient; '' = the "
                              "algorithm's default ('none' replaces the model: FedAvg).")
@@ -52,7 +55,11 @@ class ExperimentConfig:
   server_momentum: float = _f(0.0, "Server SGD momentum (FedAvgM).")
   server_b1: float = _f(0.9, "Server Adam/Yogi β1.")
   server_b2: float = _f(0.99, "Server Adam/Yogi β2.")
-  server_eps: float = _f(1e-3, "Server adaptivity τ (optax eps).")
+  server_eps: float = _f(1e-3, "Server adaptivity τ (FedOpt's τ; eps for the optax forms).")
+  server_opt_impl: str = _f("reddi", "Form of server_optimizer=adam|yogi|adagrad: 'reddi' = "
+                            "Reddi et al.'s FedOpt as written (m0=v0=0, no bias correction); "
+                            "'optax' = optax.adam/yogi/adagrad (bias-corrected moments, "
+                            "effective τ·sqrt(1-β2^t)).", ("reddi", "optax"))
   # Sparsity (SWAT/ZeroFL, FedSparsify, SparsyFed, Top-K; unused by dense methods).
   sparsity: float = _f(0.0, "Target sparsity: SWAT/ZeroFL sp, FedSparsify s_T, SparsyFed/Top-K.")
   mask_ratio: float = _f(0.0, "ZeroFL r_mask: clients upload the top (1 - sparsity + mask_ratio).")
@@ -76,13 +83,19 @@ class ExperimentConfig:
                            "clients kept it; -1 = floor(K/2).")
   beta: float = _f(1.25, "SparsyFed Powerprop exponent β (w = sign(v)|v|^β).")
   spectral_exponent: bool = _f(False, "SparsyFed: per-layer β from the spectral norm.")
-  act_threshold: str = _f("per_batch", "SparsyFed activation-pruning threshold.",
-                          ("per_batch", "first_batch"))
+  act_threshold: str = _f("per_batch", "SparsyFed activation-pruning threshold: exact top-K "
+                          "per batch; first_batch = cached from the round's first batch for "
+                          "conv layers, per batch for dense layers (the authors' code); "
+                          "first_batch_all = cached for every layer.",
+                          ("per_batch", "first_batch", "first_batch_all"))
   mask_every: int = _f(0, "Save the packed global mask every N rounds (0 = never).")
   sparsity_structure: str = _f("unstructured", "Top-K mask structure.",
                                ("unstructured", "block"))
   block_size: int = _f(32, "Block edge for sparsity_structure=block.")
   matmul_impl: str = _f("xla", "Sparse layer matmul.", ("xla", "pallas"))
+  spectral_average: str = _f("nonzero", "SparsyFed spectral exponent β = 1 + mean(|W|/σ_max): "
+                             "mean over the non-zero entries (release code) or all entries.",
+                             ("nonzero", "all"))
   # Engine.
   client_map: str = _f("auto", "How clients are mapped (auto: map for conv models on CPU, "
                        "vmap otherwise).", ("auto", "vmap", "map", "chunked"))
@@ -153,6 +166,9 @@ class ExperimentConfig:
     _at_least(self, "num_clients", 1)
     _at_least(self, "rounds", 1)
     _at_least(self, "local_epochs", 1)
+    if self.lr_horizon < 0:
+      raise ConfigError(f"lr_horizon={self.lr_horizon} must be >= 0; accepted: 0 (= rounds) or "
+                        "a number of rounds")
     _at_least(self, "batch_size", 1)
     _at_least(self, "eval_batch_size", 1)
     _at_least(self, "eval_every", 0)

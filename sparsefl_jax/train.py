@@ -98,14 +98,15 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
   server_name = cfg.resolved_server_optimizer(algorithm.default_server_optimizer)
   server_opt = optimizers.server_optimizer(
       server_name, cfg.resolved_server_lr(server_name), cfg.server_momentum, cfg.server_b1,
-      cfg.server_b2, cfg.server_eps)
+      cfg.server_b2, cfg.server_eps, impl=cfg.server_opt_impl)
   sampling_key = jax.random.fold_in(jax.random.PRNGKey(cfg.sampling_seed), SAMPLING_STREAM)
   state = round_lib.init_server_state(algorithm, params, model_state, server_opt,
                                       sampling_key)
   round_cfg = round_lib.RoundConfig(
       num_clients=ds.num_clients, clients_per_round=cfg.clients_per_round,
       local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, ds.max_examples),
-      lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end, cfg.rounds),
+      lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end,
+                                              cfg.lr_horizon or cfg.rounds),
       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
       client_map=client_map_lib.resolve_client_map(cfg.client_map, params,
                                                    jax.default_backend()),

@@ -174,10 +174,11 @@ def test_fedprox_pulls_towards_global_model():
   assert dist(sp) < 0.8 * dist(sa)
 
 
-def test_fedadam_equals_optax_adam_applied_by_hand():
+def test_fedadam_optax_impl_equals_optax_adam_applied_by_hand():
+  """--server_opt_impl=optax: the bias-corrected optax.adam (Reddi's form: test_fedopt.py)."""
   data = make_data()
   key = jax.random.PRNGKey(5)
-  adam = server_optimizer("adam", 0.05, b1=0.9, b2=0.99, eps=1e-3)
+  adam = server_optimizer("adam", 0.05, b1=0.9, b2=0.99, eps=1e-3, impl="optax")
   step_adam, state_adam, _ = make_round(FedAdam(), server=adam)
   step_avg, state_avg, _ = make_round(FedAvg())
   # Two rounds, so the moments carry over; FedAvg from the same global model gives the aggregate.

@@ -11,11 +11,12 @@ import optax
 import pytest
 
 from sparsefl_jax import ExperimentConfig, metrics, train
+from sparsefl_jax.config import ConfigError
 from sparsefl_jax.data import preprocess
 from sparsefl_jax.algorithms.topk import TopK
 from sparsefl_jax.metrics import read_metrics
 from sparsefl_jax.models import layers
-from sparsefl_jax.sparsity import masks, powerprop
+from sparsefl_jax.sparsity import masks, powerprop, swat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,3 +152,102 @@ def test_powerprop_zero_weights_do_not_regrow_locally():
                            for k in g)
   assert counts["sparsyfed"] == 0
   assert counts["topk"] > 0
+
+
+def _sparse_experiment(act_threshold: str):
+  """small_cnn (conv1, conv2, fc1, fc2) with ~70%-sparse kernels, so the activation top-K
+  keeps a real fraction of each layer's input."""
+  cfg = ExperimentConfig(**SMALL, algorithm="sparsyfed", act_threshold=act_threshold,
+                         workdir="/tmp/unused")
+  exp = train.build_experiment(cfg)
+  rng = np.random.default_rng(4)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.where(jnp.asarray(rng.random(x.shape) < 0.7), 0.0, x)
+      if jax.tree_util.keystr(p).endswith("['kernel']") else x, exp.init_state.params)
+  return exp, params
+
+
+def _kernel_grads(exp, params, x, client_state, step):
+  """Kernel gradients of a fixed linear function of the logits, and the new client state."""
+  r = jnp.asarray(np.random.default_rng(5).normal(size=(x.shape[0], 4)), jnp.float32)
+
+  def loss(p):
+    logits, _, cs = exp.algorithm.forward(
+        exp.model, p, exp.init_state.model_state, x, train=True,
+        example_mask=jnp.ones((x.shape[0],), bool), rngs={"dropout": jax.random.PRNGKey(0)},
+        client_state=client_state, step=jnp.int32(step))
+    return jnp.sum(logits * r), cs
+
+  g, cs = jax.grad(loss, has_aux=True)(params)
+  return {name: swat.layer_kernel(g, name) for name in exp.algorithm.layers}, cs
+
+
+def test_first_batch_caches_conv_thresholds_and_keeps_dense_layers_per_batch():
+  """act_threshold=first_batch (the authors' code): conv layers reuse the threshold of the
+  round's first batch; dense layers take an exact top-K on every batch, so their gradients
+  on batch 2 equal the per_batch variant's, and the conv layers' do not."""
+  exp, params = _sparse_experiment("first_batch")
+  per, _ = _sparse_experiment("per_batch")
+  batch_fn = preprocess.make_batch_fn(exp.dataset)
+  xa = batch_fn(exp.client_data.x[0, :8], jax.random.PRNGKey(1), False)
+  xb = batch_fn(exp.client_data.x[1, :8], jax.random.PRNGKey(2), False)
+  shapes = swat.weight_layers(params, exp.algorithm.layers)
+  conv = [n for n, s in shapes.items() if len(s) == 4]
+  dense = [n for n, s in shapes.items() if len(s) == 2]
+  assert conv and dense
+  cs0 = exp.algorithm.client_init(params, exp.init_state.algo_state, jnp.int32(1), None)
+  _, cs1 = _kernel_grads(exp, params, xa, cs0, 0)            # first batch: thresholds cached
+  g_first, cs2 = _kernel_grads(exp, params, xb, cs1, 1)
+  g_per, _ = _kernel_grads(per, params, xb, {}, 1)
+  for name in conv:
+    assert float(cs2["thr"][name]["thr_a"]) == float(cs1["thr"][name]["thr_a"]) > 0
+  for name in dense:                                          # per-batch exact top-K
+    np.testing.assert_array_equal(g_first[name], g_per[name])
+  assert any(not np.array_equal(g_first[n], g_per[n]) for n in conv)
+  assert set(cs0["thr"]) == set(conv)
+  assert exp.algorithm.cached_layers == tuple(conv)
+  # first_batch_all (the previous behaviour) caches every layer.
+  exp_all, _ = _sparse_experiment("first_batch_all")
+  assert exp_all.algorithm.cached_layers == tuple(shapes)
+
+
+@pytest.mark.parametrize("average", ["nonzero", "all"])
+def test_spectral_exponent_average_matches_numpy(average):
+  rng = np.random.default_rng(6)
+  v = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+  v[rng.random(v.shape) < 0.8] = 0.0                          # a sparse layer
+  a = np.abs(v).reshape(-1, 6).T.astype(np.float64)
+  sigma = np.linalg.svd(a, compute_uv=False)[0]
+  mean = a[a != 0].mean() if average == "nonzero" else a.mean()
+  want = 1.0 + mean / sigma
+  if average == "nonzero":   # the default (the release code)
+    assert float(powerprop.spectral_exponent(jnp.asarray(v))) == pytest.approx(want, rel=1e-4)
+  got = float(powerprop.spectral_exponent(jnp.asarray(v), average=average))
+  assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_spectral_average_flag_reaches_the_algorithm():
+  for average in ("nonzero", "all"):
+    cfg = ExperimentConfig(**SMALL, algorithm="sparsyfed", spectral_exponent=True,
+                           spectral_average=average, workdir="/tmp/unused")
+    exp = train.build_experiment(cfg)
+    assert exp.algorithm.spectral_average == average
+    betas = exp.algorithm.client_context(exp.init_state.params, (), jnp.int32(1))["betas"]
+    kernel = swat.layer_kernel(exp.init_state.params, "conv1")
+    assert float(betas["conv1"]) == float(powerprop.spectral_exponent(kernel, average=average))
+
+
+def test_lr_horizon_sets_the_exponential_schedule_length(tmp_path):
+  """lr_t = lr·exp((t/T)·ln(lr_end/lr)) with T = lr_horizon (here 7) instead of rounds (3)."""
+  cfg = ExperimentConfig(**dict(SMALL, rounds=3), algorithm="fedavg", lr_schedule="exponential",
+                         lr_end=0.01, lr_horizon=7, workdir=str(tmp_path / "h"))
+  train.run(cfg)
+  rows = read_metrics(os.path.join(cfg.workdir, "metrics.jsonl"))
+  for row in rows:
+    want = 0.1 * np.exp(row["round"] / 7 * np.log(0.01 / 0.1))
+    assert row["lr"] == pytest.approx(want, rel=1e-6)
+  with pytest.raises(ConfigError, match=r"lr_horizon=-1 must be >= 0"):
+    cfg.replace(lr_horizon=-1).validate()
+  speech = ExperimentConfig.from_flagfile(
+      os.path.join(ROOT, "experiments", "flags", "sparsyfed_speech.flags"))
+  assert speech.lr_horizon == 700 and speech.rounds == 500

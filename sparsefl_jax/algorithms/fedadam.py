@@ -1,6 +1,7 @@
-"""FedAdam (Reddi et al. 2021): FedAvg clients; the server applies Adam to the pseudo-gradient
-Δ = w_t − Σ_k (n_k/n) w_k. Any other optax server optimizer works the same way through
-`--server_optimizer`; this name only changes the default to Adam.
+"""FedAdam (Reddi et al. 2021): FedAvg clients; the server applies FedAdam (Reddi et al.'s
+Algorithm 2, `federated/fedopt.py`; `--server_opt_impl=optax` gives optax.adam) to the
+pseudo-gradient Δ = w_t − Σ_k (n_k/n) w_k. Any other server optimizer works the same way
+through `--server_optimizer`; this name only changes the default to Adam.
 """
 import dataclasses
 

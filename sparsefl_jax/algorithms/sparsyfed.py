@@ -7,10 +7,13 @@ they keep the global top (1 − ŝ) of the kernels by |v| and upload the pruned 
 Top-K baseline does). The server averages (FedAvg or any optax optimizer, e.g. FedAdam with
 η=0.01, τ=1e-3, β1=0.9, β2=0.99 as the authors' configs) and does not re-prune.
 
-Variants: `act_threshold='first_batch'` computes each layer's activation threshold on the
-first local batch of the round and reuses it (the authors' conv layers); `spectral=True`
-replaces β by a per-layer β_ℓ = 1 + mean(|W_ℓ|/σ_max(|W_ℓ|)) recomputed each round from the
-received global model (§4.7; ranking for the upload top-K then uses |v|, as the code does).
+Variants: `act_threshold='first_batch'` computes each conv layer's activation threshold on
+the first local batch of the round and reuses it, while dense layers keep an exact top-K per
+batch (as the authors' code: its conv modules cache the threshold, its linear modules do
+not); 'first_batch_all' caches it for every layer. `spectral=True` replaces β by a per-layer
+β_ℓ = 1 + mean(|W_ℓ|/σ_max(|W_ℓ|)) recomputed each round from the received global model,
+the mean over the non-zero entries (release code) or all (`spectral_average`); ranking for
+the upload top-K then uses |v|, as the code does.
 """
 import dataclasses
 from typing import Tuple
@@ -28,7 +31,9 @@ class SparsyFed(TopK):
   beta: float = 1.25
   spectral: bool = False
   act_threshold: str = "per_batch"
+  spectral_average: str = "nonzero"
   layers: Tuple[str, ...] = ()     # bound by setup(): every weight layer, in call order
+  cached_layers: Tuple[str, ...] = ()   # bound by setup(): layers with a first-batch threshold
 
   name = "sparsyfed"
 
@@ -39,6 +44,9 @@ class SparsyFed(TopK):
     if self.act_threshold not in powerprop.ACT_THRESHOLDS:
       raise ValueError(f"act_threshold={self.act_threshold!r} is not one of "
                        f"{list(powerprop.ACT_THRESHOLDS)}")
+    if self.spectral_average not in powerprop.SPECTRAL_AVERAGES:
+      raise ValueError(f"spectral_average={self.spectral_average!r} is not one of "
+                       f"{list(powerprop.SPECTRAL_AVERAGES)}")
     if self.method == "top_k":   # the activation density is traced (it depends on w)
       object.__setattr__(self, "method", "bisection")
 
@@ -46,6 +54,7 @@ class SparsyFed(TopK):
   def from_config(cls, config) -> "SparsyFed":
     return cls(sparsity=config.sparsity, method=config.topk_method, beta=config.beta,
                spectral=config.spectral_exponent, act_threshold=config.act_threshold,
+               spectral_average=config.spectral_average,
                structure=config.sparsity_structure, block_size=config.block_size)
 
   def init_params(self, params, key):
@@ -53,12 +62,18 @@ class SparsyFed(TopK):
     return params if self.spectral else powerprop.init_kernels(params, self.beta)
 
   def setup(self, params, layer_order) -> Tuple[Algorithm, powerprop.PowerpropOp]:
-    del params
-    bound = dataclasses.replace(self, layers=tuple(layer_order))
+    shapes = swat.weight_layers(params, layer_order)
+    cached = ()
+    if self.act_threshold == "first_batch_all":
+      cached = tuple(shapes)
+    elif self.act_threshold == "first_batch":   # conv kernels (ndim > 2) only
+      cached = tuple(name for name, shape in shapes.items() if len(shape) > 2)
+    bound = dataclasses.replace(self, layers=tuple(layer_order), cached_layers=cached)
     return bound, powerprop.PowerpropOp(self.beta, act_pruning=True, method=self.method)
 
   def _betas(self, params) -> dict:
-    return {name: powerprop.spectral_exponent(swat.layer_kernel(params, name))
+    return {name: powerprop.spectral_exponent(swat.layer_kernel(params, name),
+                                              average=self.spectral_average)
             for name in swat.weight_layers(params, self.layers)}
 
   def client_context(self, global_params, algo_state, t):
@@ -71,9 +86,9 @@ class SparsyFed(TopK):
     state = {}
     if self.spectral:
       state["betas"] = algo_state["betas"]
-    if self.act_threshold == "first_batch":
+    if self.cached_layers:
       zero = jnp.zeros((), jnp.float32)
-      state["thr"] = {name: {"thr_w": zero, "thr_a": zero} for name in self.layers}
+      state["thr"] = {name: {"thr_w": zero, "thr_a": zero} for name in self.cached_layers}
     return state
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
@@ -82,11 +97,11 @@ class SparsyFed(TopK):
     if self.spectral:
       betas = client_state["betas"] if train else self._betas(params)
       extra[powerprop.BETA_COLLECTION] = powerprop.beta_variables(betas)
-    use_cache = train and self.act_threshold == "first_batch" and step is not None
+    use_cache = train and bool(self.cached_layers) and step is not None
     if train:
       extra[swat.ROWS_COLLECTION] = swat.row_mask_variables(self.layers, example_mask)
-    if use_cache:
-      dens = tuple((name, 0.0) for name in self.layers)
+    if use_cache:   # layers outside the cache collection compute their threshold per batch
+      dens = tuple((name, 0.0) for name in self.cached_layers)
       extra[swat.COLLECTION] = swat.cache_variables(dens, step.index == 0,
                                                     client_state["thr"])
     if not extra:

@@ -1,4 +1,4 @@
-"""Client and server optimizers (optax) and the client learning-rate schedules."""
+"""Client and server optimizers (optax transformations) and the client learning-rate schedules."""
 import dataclasses
 import math
 from typing import Optional
@@ -7,8 +7,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsefl_jax.federated import fedopt
+
 CLIENT_LR_SCHEDULES = ("constant", "exponential")
 SERVER_OPTIMIZERS = ("none", "sgd", "adam", "yogi", "adagrad")
+SERVER_OPT_IMPLS = ("reddi", "optax")   # for adam | yogi | adagrad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,24 +55,30 @@ def client_optimizer(learning_rate: jax.Array, momentum: float = 0.0,
 
 
 def server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.0,
-                     b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
-                     ) -> Optional[optax.GradientTransformation]:
+                     b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
+                     impl: str = "reddi") -> Optional[optax.GradientTransformation]:
   """The server optimizer applied to the pseudo-gradient (global − aggregate).
 
   'none' returns None: the aggregate replaces the global model exactly (FedAvg). 'sgd' with
   lr 1 and no momentum equals it up to float rounding; with momentum it is FedAvgM. 'adam',
-  'yogi', 'adagrad' are FedOpt (Reddi et al.), with eps playing the role of τ. optax bias-
-  corrects Adam's moments; Flower instead bias-corrects the step size, which moves τ by a
-  factor sqrt(1 − β2^t) — see BUILD.md.
+  'yogi', 'adagrad' are FedOpt with eps = τ: impl='reddi' (default) is Reddi et al.'s
+  Algorithm 2 as written (`fedopt.fedopt`: m_0 = v_0 = 0, no bias correction, β1 momentum
+  for all three); impl='optax' is `optax.adam` / `optax.yogi` / `optax.adagrad` (bias-
+  corrected moments, i.e. an effective τ·sqrt(1 − β2^t) for Adam; optax's Yogi starts its
+  moments at 1e-6, its Adagrad has no momentum and puts eps inside the square root).
   """
   if name not in SERVER_OPTIMIZERS:
     raise ValueError(f"server optimizer {name!r} is not one of {SERVER_OPTIMIZERS}")
+  if impl not in SERVER_OPT_IMPLS:
+    raise ValueError(f"server_opt_impl={impl!r} is not one of {SERVER_OPT_IMPLS}")
   if name == "none":
     return None
   if not learning_rate > 0:
     raise ValueError(f"server_lr={learning_rate} must be > 0")
   if name == "sgd":
     return optax.sgd(learning_rate, momentum=momentum or None)
+  if impl == "reddi":
+    return fedopt.fedopt(name, learning_rate, b1=b1, b2=b2, tau=eps)
   if name == "adam":
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
   if name == "yogi":

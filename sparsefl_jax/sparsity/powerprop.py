@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from sparsefl_jax.sparsity import swat, topk
 from sparsefl_jax.types import Params
 
-ACT_THRESHOLDS = ("per_batch", "first_batch")
+ACT_THRESHOLDS = ("per_batch", "first_batch", "first_batch_all")
+SPECTRAL_AVERAGES = ("nonzero", "all")
 BETA_COLLECTION = "powerprop"
 
 
@@ -58,13 +59,19 @@ def init_kernels(params: Params, beta: float) -> Params:
       lambda p, x: inverse_reparam(x, beta) if is_kernel(topk.path_str(p), x) else x, params)
 
 
-def spectral_exponent(v: jax.Array, iterations: int = 20) -> jax.Array:
-  """β = 1 + mean(A / σ_max(A)) with A = |v| reshaped to (out, −1) (SparsyFed §4.7).
+def spectral_exponent(v: jax.Array, iterations: int = 20, average: str = "nonzero"
+                      ) -> jax.Array:
+  """β = 1 + mean(A / σ_max(A)) with A = |v| reshaped to (out, −1) (SparsyFed, Guastella et
+  al. 2025, hyperparameter-free variant).
 
-  σ_max by power iteration from the all-ones vector (A ≥ 0, so this converges to the Perron
-  vector); the release code's single random iteration and its sign-destroying rescale are
-  not reproduced. An all-zero layer gets β = 1.
+  `average`: 'nonzero' takes the mean over A's non-zero entries (the authors' release code;
+  the paper does not say), 'all' over every entry (their later code). On a sparse layer
+  'nonzero' gives the larger β. σ_max by power iteration from the all-ones vector (A ≥ 0, so
+  this converges to the Perron vector); the release code's single random iteration and its
+  sign-destroying rescale are not reproduced. An all-zero layer gets β = 1.
   """
+  if average not in SPECTRAL_AVERAGES:
+    raise ValueError(f"spectral_average={average!r} is not one of {list(SPECTRAL_AVERAGES)}")
   a = jnp.abs(v).reshape(-1, v.shape[-1]).T          # (out, fan_in)
   u = jnp.ones((a.shape[1],), a.dtype)
 
@@ -74,7 +81,11 @@ def spectral_exponent(v: jax.Array, iterations: int = 20) -> jax.Array:
 
   u = jax.lax.fori_loop(0, iterations, body, u / jnp.linalg.norm(u))
   sigma = jnp.linalg.norm(a @ u)
-  return jnp.where(sigma > 0, 1.0 + jnp.mean(a) / jnp.maximum(sigma, 1e-12), 1.0)
+  if average == "all":
+    mean = jnp.mean(a)
+  else:
+    mean = jnp.sum(a) / jnp.maximum(jnp.count_nonzero(a), 1).astype(a.dtype)
+  return jnp.where(sigma > 0, 1.0 + mean / jnp.maximum(sigma, 1e-12), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
