@@ -1,4 +1,4 @@
-"""SparsyFed (Guastella et al., ICLR 2025; algorithms.md §4).
+"""SparsyFed (Guastella et al., ICLR 2025, arXiv 2504.05153).
 
 Clients train a Powerprop model (w = sign(v)|v|^β on every conv/dense kernel, first and last
 included; BN and biases untouched), with each layer's saved input pruned in the backward pass

@@ -19,7 +19,8 @@ class ClientLRSchedule:
   """Per-round client learning rate, evaluated on the unbatched round number t (1-based).
 
   'constant': lr. 'exponential' (ZeroFL): lr_t = lr·exp((t/T)·ln(lr_end/lr)), which goes from
-  lr towards lr_end over T rounds (the sign as corrected in algorithms.md §2.3, §8.3).
+  lr towards lr_end over T rounds. ZeroFL's paper prints the ratio inverted, which would make
+  the LR grow; this is the intended sign, as the SparsyFed authors' re-implementation has it.
   """
   lr: float
   kind: str = "constant"

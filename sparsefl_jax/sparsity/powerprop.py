@@ -4,7 +4,7 @@ Powerprop stores v and uses w = sign(v)·|v|^β (= v·|v|^(β−1)) in the forwa
 ∂L/∂v = β·|v|^(β−1)·∂L/∂w: entries with v = 0 get exactly zero gradient when β > 1 and
 cannot regrow locally. Initialisation v = sign(u)·|u|^(1/β) makes w follow the standard init.
 
-SparsyFed (algorithms.md §4.4) additionally prunes each sparse layer's SAVED input in the
+SparsyFed (Guastella et al. 2025, §3) additionally prunes each sparse layer's SAVED input in the
 backward pass to density 1 − s_ℓ, where s_ℓ is the fraction of exact zeros of that layer's
 weights; the forward pass uses the dense input. This reuses SWAT's custom VJP
 (`swat.swat_contract`) with a zero weight threshold (the weights are already sparse). The
