@@ -104,6 +104,10 @@ class ExperimentConfig:
   keep_checkpoints: int = _f(3, "Checkpoints kept.")
   plot_partition: bool = _f(False, "Write the per-client label distribution to workdir as PNG.")
   progress: bool = _f(True, "Show a progress line per round.")
+  progress_every: int = _f(0, "When stderr is not a terminal (a log), print a progress line "
+                           "every N rounds; 0 = about 20 lines per run.")
+  tensorboard: bool = _f(True, "Write TensorBoard event files of every metrics.jsonl scalar "
+                         "to workdir/tensorboard/.")
   # Synthetic data (dataset=synthetic).
   synthetic_shape: str = _f("28,28,1", "Example shape of synthetic data, comma-separated.")
   synthetic_classes: int = _f(10, "Classes of synthetic data.")
@@ -155,6 +159,7 @@ class ExperimentConfig:
     _at_least(self, "eval_batch_size", 1)
     _at_least(self, "eval_every", 0)
     _at_least(self, "checkpoint_every", 0)
+    _at_least(self, "progress_every", 0)
     _at_least(self, "keep_checkpoints", 1)
     _at_least(self, "classes_per_client", 1)
     _at_least(self, "min_partition_size", 1)
