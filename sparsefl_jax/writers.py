@@ -33,13 +33,14 @@ class TensorBoardWriter:
     from tensorboardX import SummaryWriter   # imported only when events are written
     self.logdir = os.path.join(workdir, TENSORBOARD_DIR)
     # The suffix keeps a resumed run's file apart from the first one even within a second.
-    self._writer = SummaryWriter(self.logdir, purge_step=first_round, flush_secs=30,
+    self._writer = SummaryWriter(self.logdir, purge_step=first_round,
                                  filename_suffix=f".{os.getpid()}.r{first_round}")
 
   def write(self, row: Dict[str, Any]) -> None:
     step = int(row["round"])
     for tag, value in scalar_items(row):
       self._writer.add_scalar(tag, value, global_step=step)
+    self._writer.flush()   # a row per round: on disk before an interruption can lose it
 
   def flush(self) -> None:
     self._writer.flush()
