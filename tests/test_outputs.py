@@ -109,3 +109,20 @@ def test_progress_disabled_is_silent():
   p.update(1, ROW)
   p.close()
   assert out.getvalue() == ""
+
+
+def test_launch_script_log_has_plain_progress_lines(tmp_path):
+  """stderr redirected (not a TTY): one plain line per --progress_every rounds, no \\r."""
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--dataset=synthetic",
+       "--model=linear", "--synthetic_shape=4,4,1", "--synthetic_examples=8",
+       "--synthetic_test=20", "--num_clients=2", "--clients_per_round=2", "--rounds=4",
+       "--progress_every=2", f"--workdir={tmp_path / 'log'}"],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "\r" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if "] round " in l]
+  assert [l.split("round ")[1].split(" ")[0] for l in lines] == ["2/4", "4/4"], proc.stderr
