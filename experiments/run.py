@@ -19,15 +19,33 @@ from absl import app, flags, logging  # noqa: E402
 from sparsefl_jax.config import ConfigError, ExperimentConfig  # noqa: E402
 
 
+class _ChoiceParser(flags.EnumParser):
+  """absl's enum parser with the project's one-line error: `name='bad' is not one of [...]`."""
+
+  def __init__(self, name: str, choices):
+    super().__init__(list(choices), case_sensitive=True)
+    self.name = name
+
+  def parse(self, argument: str) -> str:
+    if argument not in self.enum_values:
+      raise ValueError(f"{self.name}={argument!r} is not one of {list(self.enum_values)}")
+    return argument
+
+
 def define_flags() -> None:
-  """Registers one absl flag per config field (type, default and help from the dataclass)."""
+  """Registers one absl flag per config field (type, default and help from the dataclass).
+
+  Fields with `choices` become enum flags, so `--helpfull` lists the accepted values.
+  """
   hints = typing.get_type_hints(ExperimentConfig)
   for field in dataclasses.fields(ExperimentConfig):
     kind = hints[field.name]
     help_text = field.metadata["help"]
-    if field.metadata.get("choices"):
-      help_text += f" One of {list(field.metadata['choices'])}."
-    if kind is bool:
+    choices = field.metadata.get("choices")
+    if choices:
+      flags.DEFINE_enum(field.name, field.default, list(choices), help_text)
+      flags.FLAGS[field.name].parser = _ChoiceParser(field.name, choices)
+    elif kind is bool:
       flags.DEFINE_bool(field.name, field.default, help_text)
     elif kind is int:
       flags.DEFINE_integer(field.name, field.default, help_text)
@@ -63,6 +81,15 @@ def main(argv) -> None:
         f"downlink={row['cumulative_downlink_bytes'] / 1e6:.1f} MB; outputs in {cfg.workdir}")
 
 
+def parse_flags(argv):
+  """Parses the command line; a bad flag value exits 2 with one line (no usage dump)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

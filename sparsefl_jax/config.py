@@ -14,6 +14,35 @@ def _f(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
   return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
 
 
+# Accepted values of the open-ended-looking string fields. Plain tuples, so the launch script
+# can list them in --helpfull without importing JAX or TFDS; tests/test_flags.py checks them
+# against the registries they mirror (algorithms.ALGORITHMS, models.MODELS, data.DATASETS,
+# data.PARTITIONS, optimizers.SERVER_OPTIMIZERS).
+ALGORITHM_DESCRIPTIONS: Dict[str, str] = {
+    "fedavg": "FedAvg: example-weighted mean of the client models",
+    "fedprox": "FedProx: FedAvg + proximal term (prox_mu/2)|w - w_t|^2 in local training",
+    "fedadam": "FedAdam: FedAvg clients, Adam on the server's pseudo-gradient",
+    "swat": "SWAT-FL: top-K sparse weights/activations in local training, dense upload",
+    "zerofl": "ZeroFL: SWAT local training + top-(1-sparsity+mask_ratio) sparse upload",
+    "fedsparsify_global": "FedSparsify-Global: the server prunes the average progressively",
+    "fedsparsify_local": "FedSparsify-Local: clients prune, the server merges by majority vote",
+    "sparsyfed": "SparsyFed: Powerprop + activation pruning, global top-K before upload",
+    "topk": "Top-K: dense local training, global top-K of the weights before upload",
+}
+ALGORITHMS: Tuple[str, ...] = tuple(ALGORITHM_DESCRIPTIONS)
+MODELS = ("linear", "mlp_small", "fmnist_fc", "small_cnn", "leaf_cnn", "cifar_cnn", "resnet18",
+          "vgg16")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "emnist/byclass",
+            "emnist/balanced", "speech_commands", "digits", "synthetic")
+PARTITIONS = ("iid", "lda", "dirichlet", "classes", "natural")
+SERVER_OPTIMIZERS = ("", "none", "sgd", "adam", "yogi", "adagrad")
+
+
+def _algorithm_help() -> str:
+  return "Federated algorithm: " + "; ".join(
+      f"{name} = {text}" for name, text in ALGORITHM_DESCRIPTIONS.items()) + "."
+
+
 class ConfigError(ValueError):
   """A setting is out of range or unknown; the message names the value and what is accepted."""
 
@@ -21,16 +50,22 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   # What to run.
-  algorithm: str = _f("fedavg", "Federated algorithm.")
-  dataset: str = _f("fashion_mnist", "Dataset name (TFDS name, 'digits' or 'synthetic').")
+  algorithm: str = _f("fedavg", _algorithm_help(), ALGORITHMS)
+  dataset: str = _f("fashion_mnist", "Dataset: TFDS-backed (fashion_mnist offline from "
+                    "Debian's package; the others from a prepared --data_dir), 'digits' "
+                    "(scikit-learn's bundled 8x8 digits) or 'synthetic'.", DATASETS)
   data_dir: str = _f("", "TFDS data dir; for fashion_mnist also a folder of the IDX .gz files.")
-  model: str = _f("fmnist_fc", "Model architecture.")
+  model: str = _f("fmnist_fc", "Model architecture (linear, mlp_small, small_cnn: tiny "
+                  "test models).", MODELS)
   conv_impl: str = _f("im2col", "Convolution lowering.", ("im2col", "lax"))
   # Federation.
   num_clients: int = _f(10, "Number of clients the data is partitioned into.")
   clients_per_round: int = _f(10, "Clients sampled per round (without replacement).")
   rounds: int = _f(10, "Number of federated rounds.")
-  partition: str = _f("iid", "How the training set is split across clients.")
+  partition: str = _f("iid", "How the training set is split across clients: iid, lda "
+                      "(Flower's equal-size LDA, alpha), dirichlet (alpha), classes "
+                      "(classes_per_client), natural (the dataset's own writers/speakers).",
+                      PARTITIONS)
   alpha: float = _f(1.0, "Dirichlet concentration for partition=lda|dirichlet (inf = IID).")
   classes_per_client: int = _f(2, "Labels per client for partition=classes.")
   min_partition_size: int = _f(1, "Minimum client size for partition=dirichlet (resampled).")
@@ -49,7 +84,8 @@ class ExperimentConfig:
                        "500-round Speech runs.")
   # Server.
   server_optimizer: str = _f("", "Server optimizer on the pseudo-gradient; '' = the "
-                             "algorithm's default ('none' replaces the model: FedAvg).")
+                             "algorithm's default ('none' replaces the model: FedAvg; sgd "
+                             "with server_momentum = FedAvgM).", SERVER_OPTIMIZERS)
   server_lr: Optional[float] = _f(None, "Server LR (default: 1.0 for sgd, 0.01 for adam/yogi, "
                                   "0.1 for adagrad).")
   server_momentum: float = _f(0.0, "Server SGD momentum (FedAvgM).")
@@ -119,6 +155,10 @@ class ExperimentConfig:
   keep_checkpoints: int = _f(3, "Checkpoints kept.")
   plot_partition: bool = _f(False, "Write the per-client label distribution to workdir as PNG.")
   progress: bool = _f(True, "Show a progress line per round.")
+  progress_every: int = _f(0, "When stderr is not a terminal (a log), print a progress line "
+                           "every N rounds; 0 = about 20 lines per run.")
+  tensorboard: bool = _f(True, "Write TensorBoard event files of every metrics.jsonl scalar "
+                         "to workdir/tensorboard/.")
   # Synthetic data (dataset=synthetic).
   synthetic_shape: str = _f("28,28,1", "Example shape of synthetic data, comma-separated.")
   synthetic_classes: int = _f(10, "Classes of synthetic data.")
@@ -173,6 +213,7 @@ class ExperimentConfig:
     _at_least(self, "eval_batch_size", 1)
     _at_least(self, "eval_every", 0)
     _at_least(self, "checkpoint_every", 0)
+    _at_least(self, "progress_every", 0)
     _at_least(self, "keep_checkpoints", 1)
     _at_least(self, "classes_per_client", 1)
     _at_least(self, "min_partition_size", 1)

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -24,12 +23,14 @@ from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
 from sparsefl_jax.models import introspect
 from sparsefl_jax.metrics import MetricsWriter, read_metrics, save_global_mask
+from sparsefl_jax.progress import Progress
+from sparsefl_jax.writers import make_writer
 
 # Purpose tags folded into each seed, so equal seeds still give independent streams.
 INIT_STREAM, SAMPLING_STREAM, TRAINING_STREAM = 1, 2, 3
 # Settings that may differ between an interrupted run and its resumption.
 RESUME_FREE_FIELDS = ("resume", "progress", "eval_batch_size", "keep_checkpoints",
-                      "checkpoint_every", "plot_partition")
+                      "checkpoint_every", "plot_partition", "progress_every", "tensorboard")
 
 
 @dataclasses.dataclass
@@ -211,6 +212,8 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
   cumulative_up = sum(r.get("uplink_bytes", 0) for r in read_metrics(metrics_path))
   cumulative_down = sum(r.get("downlink_bytes", 0) for r in read_metrics(metrics_path))
   last = cfg.rounds if max_rounds is None else min(cfg.rounds, first - 1 + max_rounds)
+  tb = make_writer(cfg.workdir, cfg.tensorboard and lead, first)
+  progress = Progress(cfg.rounds, cfg.progress_every, enabled=cfg.progress and lead)
   for t in range(first, last + 1):
     start = time.perf_counter()
     state, metrics = exp.round_step(state, exp.client_data, exp.train_key)
@@ -226,15 +229,17 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
       row["test_accuracy"] = float(ev["accuracy"])
     if lead:
       writer.write(row)
+    if tb is not None:
+      tb.write(row)
     if cfg.mask_every and t % cfg.mask_every == 0 and lead:
       save_global_mask(os.path.join(cfg.workdir, "masks"), t, state.params)
     if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last:
       ckpt.save(t, state)
-    if cfg.progress and lead:
-      _progress(t, cfg.rounds, row)
+    progress.update(t, row)
   ckpt.close()
-  if cfg.progress and row:
-    sys.stderr.write("\n")
+  progress.close()
+  if tb is not None:
+    tb.close()
   if not row:   # resumed a finished run: nothing to do, report where it ended
     done = read_metrics(metrics_path)
     row = done[-1] if done else {}
@@ -246,14 +251,3 @@ def _partition_title(cfg: ExperimentConfig) -> str:
             "classes": f"{cfg.classes_per_client} classes per client"}.get(cfg.partition, "")
   return f"{cfg.dataset}: {cfg.partition} partition" + (f" ({detail})" if detail else "")
 
-
-def _progress(t: int, total: int, row: Dict[str, Any]) -> None:
-  width = 24
-  done = int(width * t / total)
-  acc = row.get("test_accuracy")
-  acc_s = f"{acc:.4f}" if acc is not None else "  -   "
-  mb = (row["cumulative_uplink_bytes"] + row["cumulative_downlink_bytes"]) / 1e6
-  sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] round {t}/{total} "
-                   f"loss {row['train_loss']:.4f} acc {acc_s} sent {mb:.1f} MB "
-                   f"({row['seconds']:.2f} s/round)")
-  sys.stderr.flush()

@@ -4,8 +4,7 @@ import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
+import chex
 import pytest
 
 from sparsefl_jax import ExperimentConfig, train
@@ -40,8 +39,7 @@ def test_resume_is_bit_identical(tmp_path):
   state_b, round_b = Checkpointer(os.path.join(split.workdir, "checkpoints")).restore(
       exp.init_state)
   assert round_a == round_b == 5
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(state_a, state_b)   # structure, shapes, dtypes and values
 
 
 def test_resume_refuses_changed_settings(tmp_path):
