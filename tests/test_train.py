@@ -95,6 +95,7 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch):
   from sparsefl_jax.data import fashion_mnist
   monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "no_debian"))
   monkeypatch.delenv("SPARSEFL_FMNIST_DIR", raising=False)
+  (tmp_path / "tfds").mkdir()   # data_dir must exist (it is never created)
   cfg = ExperimentConfig(dataset="fashion_mnist", model="fmnist_fc", rounds=1,
                          data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "w"))
   with pytest.raises(ValueError, match="dataset-fashion-mnist"):
