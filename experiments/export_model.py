@@ -31,7 +31,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from sparsefl_jax import comm  # noqa: E402
 from sparsefl_jax.checkpoint import Checkpointer  # noqa: E402
-from sparsefl_jax.config import ExperimentConfig, config_from_json  # noqa: E402
+from sparsefl_jax.config import config_from_json  # noqa: E402
 from sparsefl_jax.data import preprocess  # noqa: E402
 from sparsefl_jax.models.mlp import MLP, Linear  # noqa: E402
 from sparsefl_jax.sparsity.topk import path_str  # noqa: E402

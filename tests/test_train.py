@@ -52,7 +52,8 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def _run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",   # this checkout's package, not an installed one
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
   return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"), *args],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
