@@ -144,7 +144,7 @@ class Checkpointer:
     return jax.tree.unflatten(treedef, leaves), dict(meta.get("counters", {}))
 
   def _quarantine(self, step: int) -> str:
-    """Moves a damaged step out of orbax's sight (kept for inspection); reopens the manager."""
+    """Moves a damaged step out of orbax's sight (kept for inspection)."""
     src = os.path.join(self.directory, str(step))
     dst_root = self.directory.rstrip("/") + "_damaged"
     os.makedirs(dst_root, exist_ok=True)
@@ -153,10 +153,9 @@ class Checkpointer:
     while os.path.exists(dst):
       dst = os.path.join(dst_root, f"{step}.{n}")
       n += 1
-    self._manager.close()
     if os.path.exists(src):
       shutil.move(src, dst)
-    self._manager = self._open()
+    self._manager.reload()   # forget the moved step
     return dst
 
   def close(self) -> None:
