@@ -12,11 +12,11 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sparsefl_faults.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-T=400   # rounds of every run; a tiny model makes each round a few milliseconds
+T=300   # rounds of every run; a tiny model makes each round a few milliseconds
 FLAGS=(--dataset=synthetic --model=linear --synthetic_shape=6,6,1 --synthetic_classes=4
        --synthetic_examples=12 --synthetic_test=40 --num_clients=4 --clients_per_round=2
        --batch_size=5 --local_epochs=2 --lr=0.2 --momentum=0.5 --server_optimizer=adam
-       --eval_every=1 --checkpoint_every=40 --keep_checkpoints=3 --noprogress --rounds=$T)
+       --eval_every=1 --checkpoint_every=30 --keep_checkpoints=3 --noprogress --rounds=$T)
 ROWS=()
 FAILED=0
 START_ALL=$(date +%s.%N)
@@ -106,9 +106,15 @@ drill_reference() {
 
 drill_kill9() {
   EXPECT="resume = reference"
-  interrupted_run "$WORK/k9" 90
+  interrupted_run "$WORK/k9" 100    # checkpoints 30, 60, 90 (or later)
+  cp -a "$WORK/k9" "$WORK/killed"   # the killed folder the file-damage drills start from
   GOT="killed after ckpt $(latest_ckpt "$WORK/k9")"
   resume_and_compare "$WORK/k9"
+}
+
+killed_copy() {  # killed_copy DIR: a copy of the run killed in drill kill9
+  [[ -d $WORK/killed ]] || { interrupted_run "$WORK/killed" 100; }
+  cp -a "$WORK/killed" "$1"
 }
 
 signal_drill() {  # signal_drill DIR SIGNAL CODE
@@ -127,7 +133,7 @@ drill_sigint() { EXPECT="rc 130 + checkpoint; resume = ref"; signal_drill "$WORK
 drill_sigterm() { EXPECT="rc 143 + checkpoint; resume = ref"; signal_drill "$WORK/st" TERM 143; }
 
 damage_drill() {  # damage_drill DIR KIND
-  interrupted_run "$1" 130
+  killed_copy "$1"
   local step; step=$(latest_ckpt "$1")
   "$PY" - "$1/checkpoints/$step" "$2" <<'EOF'
 import glob, os, sys
@@ -153,7 +159,7 @@ drill_empty_metadata() { EXPECT="warn, fall back, resume = ref"; damage_drill "$
 
 drill_partial_metrics() {
   EXPECT="partial last line dropped; resume = ref"
-  interrupted_run "$WORK/pm" 90
+  killed_copy "$WORK/pm"
   printf '{"round": 999, "clients": [1,' >>"$WORK/pm/metrics.jsonl"
   GOT="partial line appended"
   resume_and_compare "$WORK/pm"
@@ -161,7 +167,7 @@ drill_partial_metrics() {
 
 drill_missing_metrics() {
   EXPECT="recreated; counters from ckpt"
-  interrupted_run "$WORK/mm" 90
+  killed_copy "$WORK/mm"
   local step; step=$(latest_ckpt "$WORK/mm")
   rm -f "$WORK/mm/metrics.jsonl"
   GOT="deleted at ckpt $step"
@@ -170,10 +176,9 @@ drill_missing_metrics() {
 
 drill_moved_workdir() {
   EXPECT="moved folder resumes = ref"
-  interrupted_run "$WORK/mv" 90
+  killed_copy "$WORK/mv"
   mkdir -p "$WORK/moved"
   mv "$WORK/mv" "$WORK/moved/run"
-  mv "$WORK/mv.err" "$WORK/moved/run.err"
   GOT="moved after ckpt $(latest_ckpt "$WORK/moved/run")"
   resume_and_compare "$WORK/moved/run"
 }

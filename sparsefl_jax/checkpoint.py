@@ -127,6 +127,10 @@ class Checkpointer:
     flat_target = _flat(target)
     abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
                 for k, v in flat_target.items()}
+    legacy = os.path.join(self.directory, str(step), "default")
+    if os.path.isdir(legacy) and not os.path.isdir(os.path.join(self.directory, str(step),
+                                                                "meta")):
+      return self._load_legacy(target, flat_target, abstract, legacy, step)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     arrays, meta = restored["state"], restored["meta"]
@@ -142,6 +146,18 @@ class Checkpointer:
     treedef = jax.tree.structure(target)
     leaves = [arrays[k] for k in flat_target]
     return jax.tree.unflatten(treedef, leaves), dict(meta.get("counters", {}))
+
+  def _load_legacy(self, target, flat_target, abstract, path: str, step: int):
+    """A checkpoint written before checksums existed (one 'default' item): restored
+    unverified, with a warning; its counters are unknown (the caller rebuilds them)."""
+    with ocp.StandardCheckpointer() as reader:
+      arrays = reader.restore(path, abstract)
+    missing = set(flat_target) - set(arrays)
+    if missing:
+      raise ValueError(f"lacks state entries {sorted(missing)[:5]}")
+    logging.warning("checkpoint %s predates checksums: restored unverified", path)
+    leaves = [arrays[k] for k in flat_target]
+    return jax.tree.unflatten(jax.tree.structure(target), leaves), {"legacy": True}
 
   def _quarantine(self, step: int) -> str:
     """Moves a damaged step out of orbax's sight (kept for inspection)."""

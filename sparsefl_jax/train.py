@@ -267,8 +267,10 @@ def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path):
   if resuming:
     restored, start, saved = ckpt.restore_verified(state)
     state = sharding.replicate(jax.tree.map(jnp.asarray, restored), exp.mesh)
-    counters.update({k: v for k, v in saved.items() if k in counters})
     kept = writer.truncate_after(start) if lead else []
+    if saved.get("legacy"):   # a checkpoint from before counters were saved with it
+      saved = {name: sum(r.get(col, 0) for r in kept) for name, col in CUMULATIVE_FIELDS.items()}
+    counters.update({k: v for k, v in saved.items() if k in counters})
     if lead and len(kept) < start:
       logging.warning("%s holds rows for %d of the %d restored rounds (missing or cut); "
                       "cumulative counters come from the checkpoint", metrics_path, len(kept),
