@@ -20,12 +20,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsefl_jax.config import ConfigError
 from sparsefl_jax.types import PyTree
 
 META_FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
   """No intact checkpoint is left to restore from; the message names what was damaged."""
 
 

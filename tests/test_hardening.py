@@ -119,8 +119,8 @@ def test_divergence_in_state_keeps_finite_checkpoints_and_allow_flag_continues(t
 def test_fedsparsify_divergence_is_not_hidden_by_pruning(tmp_path):
   """At lr=1000 FedSparsify used to prune NaN weights away and report loss 2.3026."""
   cfg = ExperimentConfig(**{**TINY, "model": "mlp_small", "server_optimizer": "",
-                            "eval_every": 0}, algorithm="fedsparsify_global", sparsity=0.8,
-                         lr=1000.0, rounds=4, workdir=str(tmp_path / "fs"))
+                            "eval_every": 0, "lr": 1000.0}, algorithm="fedsparsify_global",
+                         sparsity=0.8, rounds=4, workdir=str(tmp_path / "fs"))
   with pytest.raises(Diverged, match=r"round \d+: .*not finite"):
     train.run(cfg)
 
