@@ -10,6 +10,7 @@ Bad settings exit with status 2 and one line naming the value and what is accept
 import dataclasses
 import os
 import re
+import signal
 import sys
 import typing
 from typing import List
@@ -18,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
-from sparsefl_jax.config import ConfigError, ExperimentConfig  # noqa: E402
+from sparsefl_jax.config import ExperimentConfig  # noqa: E402
 
 
 def define_flags() -> None:
@@ -67,8 +68,15 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def _signal_before_training(signum: int, frame) -> None:
+  del frame
+  _fail(f"{signal.Signals(signum).name} before training started: nothing to save", 128 + signum)
+
+
 def main(argv) -> None:
   del argv  # parse_flags refused positional arguments
+  for sig in (signal.SIGINT, signal.SIGTERM):   # train.run installs the graceful handlers
+    signal.signal(sig, _signal_before_training)
   if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
     logging.set_verbosity(logging.WARNING)
   from sparsefl_jax import train  # heavy imports after flag parsing
