@@ -94,6 +94,7 @@ interrupted_run() {  # interrupted_run DIR ROWS: a run killed with -9 after ROWS
 resume_and_compare() {  # resume_and_compare DIR [FROM_ROUND]: sets GOT/OK
   run_fg "$1" --resume
   if [[ $RC != 0 ]]; then GOT="resume rc=$RC: $(tail -1 "$1.err")"; return; fi
+  if grep -q Traceback "$1.err"; then GOT="traceback on resume"; return; fi
   if msg=$(same_as_ref "$1" "${2:-1}" 2>&1); then OK=ok; GOT="${GOT:+$GOT; }resumed = reference"
   else GOT="${GOT:+$GOT; }$msg"; fi
 }

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -54,6 +55,28 @@ def array_digest(value: np.ndarray) -> str:
   h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
   h.update(arr.tobytes())
   return h.hexdigest()
+
+
+_SILENCED = False
+
+
+def _silence_closed_loop_callbacks() -> None:
+  """A failed orbax read leaves tensorstore callbacks that later hit orbax's closed asyncio
+  loop and print 'Event loop is closed' tracebacks; the failure itself is already reported,
+  so those (and only those) are dropped."""
+  global _SILENCED
+  if _SILENCED:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  _SILENCED = True
 
 
 class Checkpointer:
@@ -111,6 +134,7 @@ class Checkpointer:
       try:
         state, counters = self._load(target, step)
       except Exception as e:  # orbax/tensorstore raise many types; all mean "unreadable"
+        _silence_closed_loop_callbacks()
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         where = os.path.join(self.directory, str(step))
         damaged.append(f"round {step} ({reason})")

@@ -224,6 +224,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
   _assert_same_run(cfg, reference)
 
 
+def test_damaged_checkpoint_resume_prints_no_traceback(tmp_path):
+  workdir = tmp_path / "cli"
+  assert _launch(*TINY_FLAGS, "--rounds=4", f"--workdir={workdir}").returncode == 0
+  _flip_bits(ExperimentConfig(**TINY, workdir=str(workdir)), 4)
+  proc = _launch(*TINY_FLAGS, "--rounds=4", f"--workdir={workdir}", "--resume")
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "checkpoints/4 is damaged" in proc.stderr and "done: 4 rounds" in proc.stdout
+
+
 def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
   cfg = _interrupted(tmp_path, "n", rounds_done=2)   # one checkpoint (round 2)
   _flip_bits(cfg, 2)
