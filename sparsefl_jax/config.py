@@ -47,6 +47,21 @@ class ConfigError(ValueError):
   """A setting is out of range or unknown; the message names the value and what is accepted."""
 
 
+# Methods that sparsify; each needs an explicit --sparsity > 0 (no silent dense run).
+SPARSE_METHODS = ("swat", "zerofl", "fedsparsify_global", "fedsparsify_local", "sparsyfed",
+                  "topk")
+# Methods that read --sparse_layers (the others sparsify every weight layer or choose by scope).
+SPARSE_LAYER_METHODS = ("swat", "zerofl")
+SERVER_OPTIMIZER_NAMES = ("", "none", "sgd", "adam", "yogi", "adagrad")
+# (H, W, C) of each dataset's examples, and of the paper models that only fit one input shape
+# (the flattening classifiers are sized for it); test models and ResNet/VGG adapt to any input.
+DATASET_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1),
+                  "emnist/byclass": (28, 28, 1), "emnist/balanced": (28, 28, 1),
+                  "cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
+FIXED_INPUT_MODELS = {"fmnist_fc": (28, 28, 1), "leaf_cnn": (28, 28, 1),
+                      "cifar_cnn": (32, 32, 3)}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   # What to run.
@@ -159,6 +174,9 @@ class ExperimentConfig:
                            "every N rounds; 0 = about 20 lines per run.")
   tensorboard: bool = _f(True, "Write TensorBoard event files of every metrics.jsonl scalar "
                          "to workdir/tensorboard/.")
+  allow_nonfinite: bool = _f(False, "Keep training when the loss, parameters or server state "
+                             "become NaN/inf (default: stop with an error, keep the last good "
+                             "checkpoint).")
   # Synthetic data (dataset=synthetic).
   synthetic_shape: str = _f("28,28,1", "Example shape of synthetic data, comma-separated.")
   synthetic_classes: int = _f(10, "Classes of synthetic data.")
@@ -275,7 +293,30 @@ class ExperimentConfig:
                         "and checkpoints to")
     if self.dataset == "synthetic":
       _ = self.synthetic_example_shape
+    if self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
+      raise ConfigError(f"server_optimizer={self.server_optimizer!r} is not one of "
+                        f"{list(SERVER_OPTIMIZER_NAMES)} ('' = the algorithm's default)")
+    if self.algorithm in SPARSE_METHODS and self.sparsity <= 0.0:
+      raise ConfigError(f"sparsity={self.sparsity} with algorithm={self.algorithm!r}: sparse "
+                        "methods need an explicit --sparsity in (0, 1) (e.g. 0.9)")
+    if self.sparse_layers != "default" and self.algorithm not in SPARSE_LAYER_METHODS:
+      raise ConfigError(f"sparse_layers={self.sparse_layers!r} is only read by algorithms "
+                        f"{list(SPARSE_LAYER_METHODS)}; got algorithm={self.algorithm!r} "
+                        "(accepted here: 'default')")
+    self._check_input_shape()
     return self
+
+  def _check_input_shape(self) -> None:
+    """Refuses a paper model fed a dataset of another input shape (digits into fmnist_fc)."""
+    want = FIXED_INPUT_MODELS.get(self.model)
+    have = (self.synthetic_example_shape if self.dataset == "synthetic"
+            else DATASET_SHAPES.get(self.dataset))
+    if want is None or have is None or tuple(have) == want:
+      return
+    fits = sorted(d for d, s in DATASET_SHAPES.items() if s == want)
+    raise ConfigError(f"model={self.model!r} takes {'x'.join(map(str, want))} inputs but "
+                      f"dataset={self.dataset!r} has {'x'.join(map(str, have))}; accepted "
+                      f"datasets for it: {fits} (or linear/mlp_small/small_cnn for any shape)")
 
 
 def _at_least(cfg, name: str, low: int) -> None:
@@ -326,3 +367,27 @@ def parse_flagfile(path: str) -> Dict[str, Any]:
     else:
       out[key] = value
   return out
+
+
+def config_to_json(cfg: ExperimentConfig) -> Dict[str, Any]:
+  """The config as strict-JSON values: a non-finite float setting (alpha=inf) becomes the
+  string 'inf' so `config.json` stays valid JSON and round-trips through `config_from_json`."""
+  out = dataclasses.asdict(cfg)
+  for k, v in out.items():
+    if isinstance(v, float) and not math.isfinite(v):
+      out[k] = str(v)
+  return out
+
+
+def config_from_json(values: Dict[str, Any]) -> ExperimentConfig:
+  """Inverse of `config_to_json`; fields missing from an older file take their defaults,
+  unknown keys are an error."""
+  hints = typing.get_type_hints(ExperimentConfig)
+  unknown = sorted(set(values) - set(hints))
+  if unknown:
+    raise ConfigError(f"config has unknown settings {unknown}")
+  out = dict(values)
+  for k, v in out.items():
+    if isinstance(v, str) and hints[k] in (float, Optional[float]):
+      out[k] = float(v)
+  return ExperimentConfig(**out)

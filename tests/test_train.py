@@ -50,7 +50,8 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def _run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",   # this checkout's package, not an installed one
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
   return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"), *args],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
@@ -93,6 +94,7 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch):
   from sparsefl_jax.data import fashion_mnist
   monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "no_debian"))
   monkeypatch.delenv("SPARSEFL_FMNIST_DIR", raising=False)
+  (tmp_path / "tfds").mkdir()   # data_dir must exist (it is never created)
   cfg = ExperimentConfig(dataset="fashion_mnist", model="fmnist_fc", rounds=1,
                          data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "w"))
   with pytest.raises(ValueError, match="dataset-fashion-mnist"):
