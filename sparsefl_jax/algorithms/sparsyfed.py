@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from sparsefl_jax.algorithms.base import Algorithm
 from sparsefl_jax.algorithms.topk import TopK
 from sparsefl_jax.sparsity import powerprop, swat
+from sparsefl_jax.tree_paths import layer_kernel, weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class SparsyFed(TopK):
     return params if self.spectral else powerprop.init_kernels(params, self.beta)
 
   def setup(self, params, layer_order) -> Tuple[Algorithm, powerprop.PowerpropOp]:
-    shapes = swat.weight_layers(params, layer_order)
+    shapes = weight_layers(params, layer_order)
     cached = ()
     if self.act_threshold == "first_batch_all":
       cached = tuple(shapes)
@@ -72,9 +73,9 @@ class SparsyFed(TopK):
     return bound, powerprop.PowerpropOp(self.beta, act_pruning=True, method=self.method)
 
   def _betas(self, params) -> dict:
-    return {name: powerprop.spectral_exponent(swat.layer_kernel(params, name),
+    return {name: powerprop.spectral_exponent(layer_kernel(params, name),
                                               average=self.spectral_average)
-            for name in swat.weight_layers(params, self.layers)}
+            for name in weight_layers(params, self.layers)}
 
   def client_context(self, global_params, algo_state, t):
     """The spectral exponents depend only on the broadcast model: computed once per round."""

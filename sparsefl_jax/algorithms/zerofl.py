@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.sparsity import swat, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
+from sparsefl_jax.tree_paths import is_kernel, kernel_layer, layer_kernel, path_str
 
 STRATEGIES = ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense")
 DEFAULT_TOPK_PERIOD = 10   # SWAT's CIFAR configs (U/ERK; the authors' yaml files)
@@ -119,7 +120,7 @@ class ZeroFL(Algorithm):
     del t
     if not self._caches():
       return algo_state
-    return {name: topk.topk_threshold(swat.layer_kernel(global_params, name), d, self.method)
+    return {name: topk.topk_threshold(layer_kernel(global_params, name), d, self.method)
             for name, d in self.densities(global_params)}
 
   def client_init(self, global_params, algo_state, t, key):
@@ -159,10 +160,10 @@ class ZeroFL(Algorithm):
     """Per-layer top-ρ masks of `scores` on the SWAT-sparse kernels; all-True elsewhere."""
     rho = {name: self.layer_upload_density(d) for name, d in self.densities(params)}
 
-    def density_of(key_path, _):
-      path = topk.path_str(key_path)
-      is_sparse_kernel = path.endswith("/kernel") and path[:-len("/kernel")] in rho
-      return rho[path[:-len("/kernel")]] if is_sparse_kernel else None
+    def density_of(key_path, leaf):
+      path = path_str(key_path)
+      is_sparse_kernel = is_kernel(path, leaf) and kernel_layer(path) in rho
+      return rho[kernel_layer(path)] if is_sparse_kernel else None
 
     dens = jax.tree_util.tree_map_with_path(density_of, scores)
     return topk.layerwise_topk_masks(scores, dens, self.method)
