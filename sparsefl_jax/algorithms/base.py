@@ -23,7 +23,7 @@ branches under vmap. Per-client hooks run under the client map (vmap or lax.map)
 for ONE client; the engine adds the client axis.
 """
 import dataclasses
-from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple
+from typing import Any, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -152,13 +152,32 @@ class Algorithm:
     Returning a new client state lets layer ops cache values across steps (thresholds).
     """
     del step
-    variables = {"params": params, **model_state}
-    if train and model_state:
-      logits, new_state = model.apply(variables, x, train=True, example_mask=example_mask,
-                                      rngs=rngs, mutable=list(model_state.keys()))
-      return logits, dict(new_state), client_state
-    logits = model.apply(variables, x, train=train, example_mask=example_mask, rngs=rngs)
-    return logits, model_state, client_state
+    logits, new_state, _ = self.apply_model(model, params, model_state, x, train=train,
+                                            example_mask=example_mask, rngs=rngs)
+    return logits, new_state, client_state
+
+  @staticmethod
+  def apply_model(model, params: Params, model_state: PyTree, x: jax.Array, *, train: bool,
+                  example_mask: Optional[jax.Array], rngs: Optional[Dict[str, PRNGKey]],
+                  extra_collections: Optional[Dict[str, PyTree]] = None,
+                  mutable_extra: Sequence[str] = ()
+                  ) -> tuple[jax.Array, PyTree, Dict[str, PyTree]]:
+    """The one `model.apply` of every `forward`: (logits, new model state, new extras).
+
+    `extra_collections` are variable collections a method hands its layer op (SWAT's row
+    masks and threshold cache, SparsyFed's β); in training, the model state (BatchNorm
+    statistics) and the extras named in `mutable_extra` come back updated. In evaluation
+    nothing is mutable: the model state comes back as given and the extras dict is empty.
+    """
+    variables = {"params": params, **model_state, **(extra_collections or {})}
+    mutable = [*model_state.keys(), *mutable_extra] if train else []
+    if not mutable:
+      logits = model.apply(variables, x, train=train, example_mask=example_mask, rngs=rngs)
+      return logits, model_state, {}
+    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
+                              mutable=mutable)
+    return (logits, {k: new[k] for k in model_state},
+            {k: new[k] for k in mutable_extra})
 
   def local_loss(self, params: Params, global_params: Params, client_state: ClientState
                  ) -> Scalar:

@@ -105,17 +105,10 @@ class SparsyFed(TopK):
       dens = tuple((name, 0.0) for name in self.cached_layers)
       extra[swat.COLLECTION] = swat.cache_variables(dens, step.index == 0,
                                                     client_state["thr"])
-    if not extra:
-      return super().forward(model, params, model_state, x, train=train,
-                             example_mask=example_mask, rngs=rngs, client_state=client_state,
-                             step=step)
-    variables = {"params": params, **model_state, **extra}
-    if not train:
-      return model.apply(variables, x, train=False), model_state, client_state
-    mutable = [*model_state.keys()] + ([swat.COLLECTION] if use_cache else [])
-    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
-                              mutable=mutable)
-    new_state = {k: new[k] for k in model_state}
+    logits, new_state, new_extra = self.apply_model(
+        model, params, model_state, x, train=train, example_mask=example_mask, rngs=rngs,
+        extra_collections=extra, mutable_extra=[swat.COLLECTION] if use_cache else [])
     if use_cache:
-      client_state = dict(client_state, thr=swat.cached_thresholds(new[swat.COLLECTION], dens))
+      client_state = dict(client_state,
+                          thr=swat.cached_thresholds(new_extra[swat.COLLECTION], dens))
     return logits, new_state, client_state

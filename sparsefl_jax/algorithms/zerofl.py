@@ -146,14 +146,12 @@ class ZeroFL(Algorithm):
       refresh = (step.batch % self.topk_period) == 0
       extra[swat.COLLECTION] = swat.cache_variables(dens, refresh, client_state,
                                                     refresh_w=refresh & (step.index > 0))
-    variables = {"params": params, **model_state, **extra}
-    mutable = [*model_state.keys()] + ([swat.COLLECTION] if self._caches() else [])
-    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
-                              mutable=mutable)
-    new_state = {k: new[k] for k in model_state}
+    logits, new_state, new_extra = self.apply_model(
+        model, params, model_state, x, train=True, example_mask=example_mask, rngs=rngs,
+        extra_collections=extra, mutable_extra=[swat.COLLECTION] if self._caches() else [])
     if not self._caches():
       return logits, new_state, client_state
-    return logits, new_state, swat.cached_thresholds(new[swat.COLLECTION], dens)
+    return logits, new_state, swat.cached_thresholds(new_extra[swat.COLLECTION], dens)
 
   # ---- uplink ------------------------------------------------------------------------------
   def _upload_masks(self, scores, params):
