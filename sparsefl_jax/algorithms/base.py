@@ -32,6 +32,10 @@ from sparsefl_jax.federated.aggregation import weighted_mean
 from sparsefl_jax.types import AlgoState, ClientState, Params, PRNGKey, PyTree, Scalar
 
 
+class UnboundAlgorithmError(RuntimeError):
+  """A hook that needs model facts ran on an algorithm that `setup()` did not bind."""
+
+
 class Upload(NamedTuple):
   """What one client sends. `values` has the params' structure; entries it does not send are 0.
 
@@ -57,6 +61,7 @@ class Algorithm:
   """
   uplink: str = "weights"
   default_server_optimizer: str = "none"
+  bound: bool = False   # set by setup(); see `needs_setup`
 
   name = "fedavg"
   # How the broadcast model is counted on the downlink: None = the run's `comm_encoding`;
@@ -65,6 +70,10 @@ class Algorithm:
   # Whether `aggregate` is the weighted mean of uploads (so the engine may stream it chunk by
   # chunk instead of stacking every upload); None = infer (True unless aggregate is overridden).
   streaming_aggregate = None
+  # Whether hooks read model facts that only `setup()` binds (which layers are sparse, their
+  # call order): such an algorithm refuses to run unbound instead of guessing (by name order,
+  # ResNet-18's classifier would sort before its convolutions and become sparse).
+  needs_setup: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.uplink not in ("weights", "delta"):
@@ -83,9 +92,22 @@ class Algorithm:
     Called once with the freshly initialised parameters and the weight layers' module paths
     in call order (first layer … classifier). An algorithm that changes how weight layers
     compute (SWAT, Powerprop) returns a `models.LinearOp`; the model is then rebuilt with it.
+    The returned algorithm has `bound=True`; overrides bind through `self.bind(...)`.
     """
     del params, layer_order
-    return self, None
+    return self.bind(), None
+
+  def bind(self, **facts) -> "Algorithm":
+    """A copy with the given model facts (dataclass fields) set and `bound=True`."""
+    return dataclasses.replace(self, bound=True, **facts)
+
+  def require_bound(self, hook: str) -> None:
+    """Raises UnboundAlgorithmError when `hook` needs `setup()` and it did not run."""
+    if self.needs_setup and not self.bound:
+      raise UnboundAlgorithmError(
+          f"{type(self).__name__}.{hook} needs the model facts bound by setup(); call "
+          f"`algorithm, op = algorithm.setup(params, layer_order)` first "
+          f"(train.assemble_model does)")
 
   # ---- server side ---------------------------------------------------------------------
   def init_params(self, params: Params, key: PRNGKey) -> Params:

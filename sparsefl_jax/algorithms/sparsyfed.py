@@ -37,6 +37,7 @@ class SparsyFed(TopK):
   cached_layers: Tuple[str, ...] = ()   # bound by setup(): layers with a first-batch threshold
 
   name = "sparsyfed"
+  needs_setup = True   # the weight layers (call order) and the cached ones come from setup()
 
   def __post_init__(self):
     super().__post_init__()
@@ -69,10 +70,11 @@ class SparsyFed(TopK):
       cached = tuple(shapes)
     elif self.act_threshold == "first_batch":   # conv kernels (ndim > 2) only
       cached = tuple(name for name, shape in shapes.items() if len(shape) > 2)
-    bound = dataclasses.replace(self, layers=tuple(layer_order), cached_layers=cached)
+    bound = self.bind(layers=tuple(layer_order), cached_layers=cached)
     return bound, powerprop.PowerpropOp(self.beta, act_pruning=True, method=self.method)
 
   def _betas(self, params) -> dict:
+    self.require_bound("spectral exponents")
     return {name: powerprop.spectral_exponent(layer_kernel(params, name),
                                               average=self.spectral_average)
             for name in weight_layers(params, self.layers)}
@@ -84,6 +86,7 @@ class SparsyFed(TopK):
 
   def client_init(self, global_params, algo_state, t, key):
     del global_params, t, key
+    self.require_bound("client_init")
     state = {}
     if self.spectral:
       state["betas"] = algo_state["betas"]
@@ -94,6 +97,7 @@ class SparsyFed(TopK):
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
               step=None):
+    self.require_bound("forward")
     extra = {}
     if self.spectral:
       betas = client_state["betas"] if train else self._betas(params)

@@ -54,6 +54,7 @@ class ZeroFL(Algorithm):
   layer_densities: Tuple[Tuple[str, float], ...] = ()   # bound by setup()
 
   name = "zerofl"
+  needs_setup = True   # the sparse layers and their densities depend on the call order
   downlink_encoding = "dense"   # ZeroFL compresses the uplink only; the global model goes dense
 
   def __post_init__(self):
@@ -98,15 +99,18 @@ class ZeroFL(Algorithm):
   def setup(self, params, layer_order):
     dens = swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution,
                                 layer_order)
-    bound = dataclasses.replace(self, layer_densities=dens)
-    return bound, swat.SwatOp(dens, self.method, self.structure, self.block_size,
+    return self.bind(layer_densities=dens), swat.SwatOp(dens, self.method, self.structure, self.block_size,
                               self.matmul_impl)
 
-  def densities(self, params):
-    """((layer path, SWAT density), ...) bound by setup() (or derived by name order)."""
-    if self.layer_densities:
-      return self.layer_densities
-    return swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution)
+  def densities(self, params=None) -> Tuple[Tuple[str, float], ...]:
+    """((layer path, SWAT density), ...) as bound by setup(); raises when unbound.
+
+    `params` is unused (kept for callers that pass it): the densities are a model fact read
+    in call order, never re-derived from parameter names.
+    """
+    del params
+    self.require_bound("densities")
+    return self.layer_densities
 
   # ---- threshold caching ------------------------------------------------------------------
   # Unstructured SWAT trains through the 'swat' threshold cache: activation thresholds are
