@@ -5,7 +5,7 @@ use, so a method's dependencies load only when it runs.
 """
 import importlib
 import importlib.util
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Type
 
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.algorithms.fedadam import FedAdam
@@ -37,13 +37,25 @@ def _available() -> Dict[str, Tuple[str, str]]:
 ALGORITHMS = tuple(_available())
 
 
+def algorithm_class(name: str) -> Type[Algorithm]:
+  """The class registered as `name`; ConfigError (one line) naming the accepted names."""
+  from sparsefl_jax.config import ConfigError   # config imports no JAX, nor this package
+  if name not in ALGORITHMS:
+    raise ConfigError(f"algorithm={name!r} is not one of {list(ALGORITHMS)}")
+  module, cls_name = _REGISTRY[name]
+  return getattr(importlib.import_module(f"sparsefl_jax.algorithms.{module}"), cls_name)
+
+
+def with_capability(attribute: str) -> Tuple[str, ...]:
+  """The registered names whose class has the capability `attribute` (e.g. 'supports_block')."""
+  return tuple(n for n in ALGORITHMS if getattr(algorithm_class(n), attribute))
+
+
 def get_algorithm(name: str, config=None) -> Algorithm:
   """Builds the named algorithm, reading its hyperparameters from `config` (if given)."""
-  if name not in ALGORITHMS:
-    raise ValueError(f"algorithm={name!r} is not one of {list(ALGORITHMS)}")
-  module, cls_name = _REGISTRY[name]
-  cls = getattr(importlib.import_module(f"sparsefl_jax.algorithms.{module}"), cls_name)
+  cls = algorithm_class(name)
   return cls.from_config(config) if config is not None else cls()
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Upload", "get_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Upload",
+           "algorithm_class", "get_algorithm", "with_capability"]

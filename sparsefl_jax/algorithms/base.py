@@ -74,6 +74,14 @@ class Algorithm:
   # call order): such an algorithm refuses to run unbound instead of guessing (by name order,
   # ResNet-18's classifier would sort before its convolutions and become sparse).
   needs_setup: ClassVar[bool] = False
+  # Capabilities, read by `config.validate` through the registry (no lists of names there).
+  sparse: ClassVar[bool] = False            # sparsifies: needs an explicit --sparsity > 0
+  supports_block: ClassVar[bool] = False    # honours --sparsity_structure=block
+  supports_pallas: ClassVar[bool] = False   # honours --matmul_impl=pallas (block masks)
+  reads_sparse_layers: ClassVar[bool] = False   # honours --sparse_layers
+  # Why the schedule depends on the total round count (so --rounds cannot change on resume);
+  # None when it does not.
+  rounds_fixed_reason: ClassVar[Optional[str]] = None
 
   def __post_init__(self):
     if self.uplink not in ("weights", "delta"):

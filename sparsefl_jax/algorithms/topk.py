@@ -26,6 +26,7 @@ class TopK(Algorithm):
   block_size: int = 32
 
   name = "topk"
+  sparse = supports_block = True
 
   def __post_init__(self):
     super().__post_init__()

@@ -55,6 +55,7 @@ class ZeroFL(Algorithm):
 
   name = "zerofl"
   needs_setup = True   # the sparse layers and their densities depend on the call order
+  sparse = supports_block = supports_pallas = reads_sparse_layers = True
   downlink_encoding = "dense"   # ZeroFL compresses the uplink only; the global model goes dense
 
   def __post_init__(self):
