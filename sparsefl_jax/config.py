@@ -60,7 +60,10 @@ FIXED_INPUT_MODELS = {"fmnist_fc": (28, 28, 1), "leaf_cnn": (28, 28, 1),
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   # What to run.
-  algorithm: str = _f("fedavg", _algorithm_help(), ALGORITHMS)
+  algorithm: str = dataclasses.field(default="fedavg", metadata={
+      "help": _algorithm_help() + " Or a method in your own file: 'package.module:ClassName' "
+      "(an Algorithm subclass on the Python path).",
+      "choices": ALGORITHMS, "import_spec": True})
   dataset: str = _f("fashion_mnist", "Dataset: TFDS-backed (fashion_mnist offline from "
                     "Debian's package; the others from a prepared --data_dir), 'digits' "
                     "(scikit-learn's bundled 8x8 digits) or 'synthetic'.", DATASETS)

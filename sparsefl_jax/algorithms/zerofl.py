@@ -103,13 +103,9 @@ class ZeroFL(Algorithm):
     return self.bind(layer_densities=dens), swat.SwatOp(dens, self.method, self.structure, self.block_size,
                               self.matmul_impl)
 
-  def densities(self, params=None) -> Tuple[Tuple[str, float], ...]:
-    """((layer path, SWAT density), ...) as bound by setup(); raises when unbound.
-
-    `params` is unused (kept for callers that pass it): the densities are a model fact read
-    in call order, never re-derived from parameter names.
-    """
-    del params
+  def densities(self) -> Tuple[Tuple[str, float], ...]:
+    """((layer path, SWAT density), ...) as bound by setup(); raises when unbound (the
+    densities are a model fact read in call order, never re-derived from parameter names)."""
     self.require_bound("densities")
     return self.layer_densities
 
@@ -126,7 +122,7 @@ class ZeroFL(Algorithm):
     if not self._caches():
       return algo_state
     return {name: topk.topk_threshold(layer_kernel(global_params, name), d, self.method)
-            for name, d in self.densities(global_params)}
+            for name, d in self.densities()}
 
   def client_init(self, global_params, algo_state, t, key):
     del t, key
@@ -134,7 +130,7 @@ class ZeroFL(Algorithm):
       return ()
     zero = jnp.zeros((), jnp.float32)
     return {name: {"thr_w": algo_state[name], "thr_a": zero}
-            for name, _ in self.densities(global_params)}
+            for name, _ in self.densities()}
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
               step=None):
@@ -142,7 +138,7 @@ class ZeroFL(Algorithm):
       return super().forward(model, params, model_state, x, train=train,
                              example_mask=example_mask, rngs=rngs, client_state=client_state,
                              step=step)
-    dens = self.densities(params)
+    dens = self.densities()
     extra = {swat.ROWS_COLLECTION: swat.row_mask_variables([n for n, _ in dens],
                                                            example_mask)}
     if self._caches():
@@ -159,9 +155,9 @@ class ZeroFL(Algorithm):
     return logits, new_state, swat.cached_thresholds(new_extra[swat.COLLECTION], dens)
 
   # ---- uplink ------------------------------------------------------------------------------
-  def _upload_masks(self, scores, params):
+  def _upload_masks(self, scores):
     """Per-layer top-ρ masks of `scores` on the SWAT-sparse kernels; all-True elsewhere."""
-    rho = {name: self.layer_upload_density(d) for name, d in self.densities(params)}
+    rho = {name: self.layer_upload_density(d) for name, d in self.densities()}
 
     def density_of(key_path, leaf):
       path = path_str(key_path)
@@ -177,7 +173,7 @@ class ZeroFL(Algorithm):
       return Upload(local_params)
     diff = jax.tree.map(jnp.subtract, local_params, global_params)
     scores = diff if self.strategy == "topk_weights_diff" else local_params
-    masks = self._upload_masks(scores, local_params)
+    masks = self._upload_masks(scores)
     sent = local_params if self.strategy == "topk_weights" else diff
     return Upload(jax.tree.map(lambda v, m: jnp.where(m, v, 0.0), sent, masks))
 
