@@ -112,3 +112,23 @@ def test_method_in_a_user_file_runs_through_run_py(tmp_path):
   bad = _run_py("--algorithm=my_method:Nope", *flags, f"--workdir={tmp_path}/bad")
   lines = [l for l in bad.stderr.splitlines() if l.strip()]
   assert bad.returncode == 2 and len(lines) == 1 and "has no 'Nope'" in lines[0], bad.stderr
+
+
+# ---- capabilities ---------------------------------------------------------------------------
+def test_capabilities_name_the_methods_the_old_lists_named():
+  """The class attributes reproduce the name lists config.validate used to hard-code."""
+  assert set(algorithms.with_capability("sparse")) == {
+      "swat", "zerofl", "fedsparsify_global", "fedsparsify_local", "sparsyfed", "topk"}
+  assert set(algorithms.with_capability("supports_block")) == {
+      "swat", "zerofl", "topk", "sparsyfed", "fedsparsify_global", "fedsparsify_local"}
+  assert set(algorithms.with_capability("supports_pallas")) == {"swat", "zerofl"}
+  assert set(algorithms.with_capability("reads_sparse_layers")) == {"swat", "zerofl"}
+  assert set(algorithms.with_capability("rounds_fixed_reason")) == {
+      "fedsparsify_global", "fedsparsify_local"}
+  assert set(algorithms.with_capability("needs_setup")) == {"swat", "zerofl", "sparsyfed"}
+
+
+def test_a_user_method_declares_its_capabilities(monkeypatch):
+  monkeypatch.syspath_prepend(TESTS)
+  with pytest.raises(ConfigError, match=r"sparsity_structure='block' is implemented for "):
+    ExperimentConfig(algorithm="my_method:MyMethod", sparsity_structure="block").validate()
