@@ -34,7 +34,7 @@ from sparsefl_jax.checkpoint import Checkpointer  # noqa: E402
 from sparsefl_jax.config import config_from_json  # noqa: E402
 from sparsefl_jax.data import preprocess  # noqa: E402
 from sparsefl_jax.models.mlp import MLP, Linear  # noqa: E402
-from sparsefl_jax.sparsity.topk import path_str  # noqa: E402
+from sparsefl_jax.tree_paths import path_str  # noqa: E402
 from sparsefl_jax.train import build_experiment  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run folder with config.json and checkpoints/.")

@@ -25,13 +25,18 @@ from sparsefl_jax.config import ExperimentConfig  # noqa: E402
 class _ChoiceParser(flags.EnumParser):
   """absl's enum parser with the project's one-line error: `name='bad' is not one of [...]`."""
 
-  def __init__(self, name: str, choices):
+  def __init__(self, name: str, choices, import_spec: bool = False):
     super().__init__(list(choices), case_sensitive=True)
     self.name = name
+    self.import_spec = import_spec   # also accept 'package.module:ClassName' (--algorithm)
 
   def parse(self, argument: str) -> str:
+    if self.import_spec and ":" in argument:
+      return argument   # resolved (and refused in one line if bad) when the run is built
     if argument not in self.enum_values:
-      raise ValueError(f"{self.name}={argument!r} is not one of {list(self.enum_values)}")
+      spec = " or a 'package.module:ClassName' import spec" if self.import_spec else ""
+      raise ValueError(f"{self.name}={argument!r} is not one of {list(self.enum_values)}"
+                       f"{spec}")
     return argument
 
 
@@ -47,7 +52,8 @@ def define_flags() -> None:
     choices = field.metadata.get("choices")
     if choices:
       flags.DEFINE_enum(field.name, field.default, list(choices), help_text)
-      flags.FLAGS[field.name].parser = _ChoiceParser(field.name, choices)
+      flags.FLAGS[field.name].parser = _ChoiceParser(
+          field.name, choices, field.metadata.get("import_spec", False))
     elif kind is bool:
       flags.DEFINE_bool(field.name, field.default, help_text)
     elif kind is int:

@@ -47,11 +47,6 @@ class ConfigError(ValueError):
   """A setting is out of range or unknown; the message names the value and what is accepted."""
 
 
-# Methods that sparsify; each needs an explicit --sparsity > 0 (no silent dense run).
-SPARSE_METHODS = ("swat", "zerofl", "fedsparsify_global", "fedsparsify_local", "sparsyfed",
-                  "topk")
-# Methods that read --sparse_layers (the others sparsify every weight layer or choose by scope).
-SPARSE_LAYER_METHODS = ("swat", "zerofl")
 SERVER_OPTIMIZER_NAMES = ("", "none", "sgd", "adam", "yogi", "adagrad")
 # (H, W, C) of each dataset's examples, and of the paper models that only fit one input shape
 # (the flattening classifiers are sized for it); test models and ResNet/VGG adapt to any input.
@@ -65,7 +60,10 @@ FIXED_INPUT_MODELS = {"fmnist_fc": (28, 28, 1), "leaf_cnn": (28, 28, 1),
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   # What to run.
-  algorithm: str = _f("fedavg", _algorithm_help(), ALGORITHMS)
+  algorithm: str = dataclasses.field(default="fedavg", metadata={
+      "help": _algorithm_help() + " Or a method in your own file: 'package.module:ClassName' "
+      "(an Algorithm subclass on the Python path).",
+      "choices": ALGORITHMS, "import_spec": True})
   dataset: str = _f("fashion_mnist", "Dataset: TFDS-backed (fashion_mnist offline from "
                     "Debian's package; the others from a prepared --data_dir), 'digits' "
                     "(scikit-learn's bundled 8x8 digits) or 'synthetic'.", DATASETS)
@@ -217,10 +215,14 @@ class ExperimentConfig:
   def validate(self) -> "ExperimentConfig":
     """Raises ConfigError naming the first bad value and its accepted range."""
     for f in dataclasses.fields(self):
+      if f.name == "algorithm":   # the registry knows the names (and import specs)
+        continue
       choices = f.metadata.get("choices")
       value = getattr(self, f.name)
       if choices and value not in choices:
         raise ConfigError(f"{f.name}={value!r} is not one of {list(choices)}")
+    from sparsefl_jax import algorithms   # lazy: this module stays importable without JAX
+    algorithm = algorithms.algorithm_class(self.algorithm)   # ConfigError when unknown
     _at_least(self, "num_clients", 1)
     _at_least(self, "rounds", 1)
     _at_least(self, "local_epochs", 1)
@@ -274,16 +276,7 @@ class ExperimentConfig:
     _at_least(self, "block_size", 1)
     if self.vote_threshold != -1 and self.vote_threshold < 1:
       raise ConfigError(f"vote_threshold={self.vote_threshold} must be -1 (floor(K/2)) or >= 1")
-    block_methods = ("swat", "zerofl", "topk", "sparsyfed", "fedsparsify_global",
-                     "fedsparsify_local")
-    if self.sparsity_structure == "block" and self.algorithm not in block_methods:
-      raise ConfigError(f"sparsity_structure='block' is implemented for algorithms "
-                        f"{list(block_methods)}; got algorithm={self.algorithm!r}")
-    if self.matmul_impl == "pallas" and (self.sparsity_structure != "block"
-                                         or self.algorithm not in ("swat", "zerofl")):
-      raise ConfigError(f"matmul_impl='pallas' needs sparsity_structure='block' and algorithm "
-                        f"swat or zerofl (got {self.sparsity_structure!r}, "
-                        f"{self.algorithm!r})")
+    self._check_block_support(algorithm)
     if not self.beta >= 1.0 or not math.isfinite(self.beta):
       raise ConfigError(f"beta={self.beta} must be a finite number >= 1")
     if self.server_lr is not None:
@@ -296,15 +289,35 @@ class ExperimentConfig:
     if self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
       raise ConfigError(f"server_optimizer={self.server_optimizer!r} is not one of "
                         f"{list(SERVER_OPTIMIZER_NAMES)} ('' = the algorithm's default)")
-    if self.algorithm in SPARSE_METHODS and self.sparsity <= 0.0:
-      raise ConfigError(f"sparsity={self.sparsity} with algorithm={self.algorithm!r}: sparse "
-                        "methods need an explicit --sparsity in (0, 1) (e.g. 0.9)")
-    if self.sparse_layers != "default" and self.algorithm not in SPARSE_LAYER_METHODS:
-      raise ConfigError(f"sparse_layers={self.sparse_layers!r} is only read by algorithms "
-                        f"{list(SPARSE_LAYER_METHODS)}; got algorithm={self.algorithm!r} "
-                        "(accepted here: 'default')")
+    self._check_sparsity_support(algorithm)
     self._check_input_shape()
     return self
+
+  # What an algorithm honours is declared on its class (`sparse`, `supports_block`,
+  # `supports_pallas`, `reads_sparse_layers`), so adding a method never edits this file.
+  def _check_block_support(self, cls) -> None:
+    """Refuses block masks / the Pallas matmul for an algorithm that does not implement them."""
+    from sparsefl_jax.algorithms import with_capability
+    if self.sparsity_structure == "block" and not cls.supports_block:
+      raise ConfigError(f"sparsity_structure='block' is implemented for algorithms "
+                        f"{list(with_capability('supports_block'))}; got "
+                        f"algorithm={self.algorithm!r}")
+    if self.matmul_impl == "pallas" and (self.sparsity_structure != "block"
+                                         or not cls.supports_pallas):
+      raise ConfigError(f"matmul_impl='pallas' needs sparsity_structure='block' and algorithm "
+                        f"in {list(with_capability('supports_pallas'))} (got "
+                        f"{self.sparsity_structure!r}, {self.algorithm!r})")
+
+  def _check_sparsity_support(self, cls) -> None:
+    """A sparse method needs --sparsity > 0; --sparse_layers only where it is read."""
+    from sparsefl_jax.algorithms import with_capability
+    if cls.sparse and self.sparsity <= 0.0:
+      raise ConfigError(f"sparsity={self.sparsity} with algorithm={self.algorithm!r}: sparse "
+                        "methods need an explicit --sparsity in (0, 1) (e.g. 0.9)")
+    if self.sparse_layers != "default" and not cls.reads_sparse_layers:
+      raise ConfigError(f"sparse_layers={self.sparse_layers!r} is only read by algorithms "
+                        f"{list(with_capability('reads_sparse_layers'))}; got "
+                        f"algorithm={self.algorithm!r} (accepted here: 'default')")
 
   def _check_input_shape(self) -> None:
     """Refuses a paper model fed a dataset of another input shape (digits into fmnist_fc)."""

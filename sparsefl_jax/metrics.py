@@ -110,7 +110,7 @@ def save_global_mask(directory: str, round_index: int, params) -> str:
   """Writes the non-zero pattern of `params` as packed bits (one array per leaf) to
   `<directory>/round_XXXXX.npz`, for SparsyFed's pairwise-round mask-IoU heat-map."""
   import jax  # local: keep this module importable without touching JAX
-  from sparsefl_jax.sparsity.topk import path_str
+  from sparsefl_jax.tree_paths import path_str
   os.makedirs(directory, exist_ok=True)
   arrays = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:

@@ -24,8 +24,7 @@ def check_before_data(cfg: ExperimentConfig) -> None:
   """Names, devices, data_dir and a memory lower bound; raises ConfigError (one line)."""
   from sparsefl_jax import algorithms, models
   from sparsefl_jax.data import sources
-  if cfg.algorithm not in algorithms.ALGORITHMS:
-    raise ConfigError(f"algorithm={cfg.algorithm!r} is not one of {list(algorithms.ALGORITHMS)}")
+  algorithms.algorithm_class(cfg.algorithm)   # ConfigError naming the accepted values
   if cfg.model not in models.MODELS:
     raise ConfigError(f"model={cfg.model!r} is not one of {list(models.MODELS)}")
   if cfg.dataset not in sources.INFO:

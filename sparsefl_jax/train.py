@@ -164,9 +164,7 @@ def rounds_fixed_reason(cfg: ExperimentConfig) -> Optional[str]:
   if cfg.lr_schedule == "exponential" and not cfg.lr_horizon:
     return ("lr_schedule='exponential' decays the LR from --lr to --lr_end over exactly "
             "--rounds rounds (set --lr_horizon to decouple them)")
-  if cfg.algorithm.startswith("fedsparsify"):
-    return "FedSparsify's Eq. 1 pruning schedule reaches sparsity s_T at round T = --rounds"
-  return None
+  return algorithms.algorithm_class(cfg.algorithm).rounds_fixed_reason
 
 
 def check_resume_config(cfg: ExperimentConfig, old: ExperimentConfig, path: str) -> None:
