@@ -40,7 +40,7 @@ def test_quickstart_flags_write_tensorboard_events_equal_to_metrics(tmp_path):
   """The quick-start flagfile (on bundled digits, 3 rounds) writes every scalar to TB."""
   cfg = ExperimentConfig.from_flagfile(
       os.path.join(ROOT, "experiments", "flags", "quickstart.flags"), dataset="digits",
-      rounds=3, eval_every=1, plot_partition=False, progress=False, resume=False,
+      model="mlp_small", rounds=3, eval_every=1, plot_partition=False, progress=False, resume=False,
       workdir=str(tmp_path / "qs"))
   train.run(cfg)
   rows, got = _assert_events_match(cfg.workdir)
@@ -70,7 +70,8 @@ def test_tensorboard_survives_resume_and_groups_layer_densities(tmp_path):
 def test_tensorboard_flag_off_writes_nothing(tmp_path):
   cfg = ExperimentConfig(dataset="synthetic", model="linear", synthetic_shape="4,4,1",
                          synthetic_examples=8, synthetic_test=20, num_clients=2,
-                         clients_per_round=2, rounds=1, progress=False, tensorboard=False,
+                         clients_per_round=2, batch_size=4, rounds=1, progress=False,
+                         tensorboard=False,
                          workdir=str(tmp_path / "off"))
   train.run(cfg)
   assert not os.path.exists(os.path.join(cfg.workdir, TENSORBOARD_DIR))
@@ -119,7 +120,7 @@ def test_launch_script_log_has_plain_progress_lines(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--dataset=synthetic",
        "--model=linear", "--synthetic_shape=4,4,1", "--synthetic_examples=8",
-       "--synthetic_test=20", "--num_clients=2", "--clients_per_round=2", "--rounds=4",
+       "--batch_size=4", "--synthetic_test=20", "--num_clients=2", "--clients_per_round=2", "--rounds=4",
        "--progress_every=2", f"--workdir={tmp_path / 'log'}"],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
