@@ -31,10 +31,10 @@ from absl import app, flags, logging  # noqa: E402
 
 from sparsefl_jax import comm  # noqa: E402
 from sparsefl_jax.checkpoint import Checkpointer  # noqa: E402
-from sparsefl_jax.config import ExperimentConfig  # noqa: E402
+from sparsefl_jax.config import config_from_json  # noqa: E402
 from sparsefl_jax.data import preprocess  # noqa: E402
 from sparsefl_jax.models.mlp import MLP, Linear  # noqa: E402
-from sparsefl_jax.sparsity.topk import path_str  # noqa: E402
+from sparsefl_jax.tree_paths import path_str  # noqa: E402
 from sparsefl_jax.train import build_experiment  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run folder with config.json and checkpoints/.")
@@ -144,7 +144,7 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)   # keep orbax's INFO lines off the console
   with open(os.path.join(FLAGS.workdir, "config.json")) as f:
-    cfg = ExperimentConfig(**json.load(f)).replace(workdir=FLAGS.workdir)
+    cfg = config_from_json(json.load(f)).replace(workdir=FLAGS.workdir)
   exp = build_experiment(cfg)
   state, rnd = Checkpointer(os.path.join(FLAGS.workdir, "checkpoints")).restore(exp.init_state)
   if state is None:

@@ -14,23 +14,71 @@ def _f(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
   return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
 
 
+# Accepted values of the open-ended-looking string fields. Plain tuples, so the launch script
+# can list them in --helpfull without importing JAX or TFDS; tests/test_flags.py checks them
+# against the registries they mirror (algorithms.ALGORITHMS, models.MODELS, data.DATASETS,
+# data.PARTITIONS, optimizers.SERVER_OPTIMIZERS).
+ALGORITHM_DESCRIPTIONS: Dict[str, str] = {
+    "fedavg": "FedAvg: example-weighted mean of the client models",
+    "fedprox": "FedProx: FedAvg + proximal term (prox_mu/2)|w - w_t|^2 in local training",
+    "fedadam": "FedAdam: FedAvg clients, Adam on the server's pseudo-gradient",
+    "swat": "SWAT-FL: top-K sparse weights/activations in local training, dense upload",
+    "zerofl": "ZeroFL: SWAT local training + top-(1-sparsity+mask_ratio) sparse upload",
+    "fedsparsify_global": "FedSparsify-Global: the server prunes the average progressively",
+    "fedsparsify_local": "FedSparsify-Local: clients prune, the server merges by majority vote",
+    "sparsyfed": "SparsyFed: Powerprop + activation pruning, global top-K before upload",
+    "topk": "Top-K: dense local training, global top-K of the weights before upload",
+}
+ALGORITHMS: Tuple[str, ...] = tuple(ALGORITHM_DESCRIPTIONS)
+MODELS = ("linear", "mlp_small", "fmnist_fc", "small_cnn", "leaf_cnn", "cifar_cnn", "resnet18",
+          "vgg16")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "emnist/byclass",
+            "emnist/balanced", "speech_commands", "digits", "synthetic")
+PARTITIONS = ("iid", "lda", "dirichlet", "classes", "natural")
+SERVER_OPTIMIZERS = ("", "none", "sgd", "adam", "yogi", "adagrad")
+
+
+def _algorithm_help() -> str:
+  return "Federated algorithm: " + "; ".join(
+      f"{name} = {text}" for name, text in ALGORITHM_DESCRIPTIONS.items()) + "."
+
+
 class ConfigError(ValueError):
   """A setting is out of range or unknown; the message names the value and what is accepted."""
+
+
+SERVER_OPTIMIZER_NAMES = ("", "none", "sgd", "adam", "yogi", "adagrad")
+# (H, W, C) of each dataset's examples, and of the paper models that only fit one input shape
+# (the flattening classifiers are sized for it); test models and ResNet/VGG adapt to any input.
+DATASET_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1),
+                  "emnist/byclass": (28, 28, 1), "emnist/balanced": (28, 28, 1),
+                  "cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
+FIXED_INPUT_MODELS = {"fmnist_fc": (28, 28, 1), "leaf_cnn": (28, 28, 1),
+                      "cifar_cnn": (32, 32, 3)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   # What to run.
-  algorithm: str = _f("fedavg", "Federated algorithm.")
-  dataset: str = _f("fashion_mnist", "Dataset name (TFDS name, 'digits' or 'synthetic').")
+  algorithm: str = dataclasses.field(default="fedavg", metadata={
+      "help": _algorithm_help() + " Or a method in your own file: 'package.module:ClassName' "
+      "(an Algorithm subclass on the Python path).",
+      "choices": ALGORITHMS, "import_spec": True})
+  dataset: str = _f("fashion_mnist", "Dataset: TFDS-backed (fashion_mnist offline from "
+                    "Debian's package; the others from a prepared --data_dir), 'digits' "
+                    "(scikit-learn's bundled 8x8 digits) or 'synthetic'.", DATASETS)
   data_dir: str = _f("", "TFDS data dir; for fashion_mnist also a folder of the IDX .gz files.")
-  model: str = _f("fmnist_fc", "Model architecture.")
+  model: str = _f("fmnist_fc", "Model architecture (linear, mlp_small, small_cnn: tiny "
+                  "test models).", MODELS)
   conv_impl: str = _f("im2col", "Convolution lowering.", ("im2col", "lax"))
   # Federation.
   num_clients: int = _f(10, "Number of clients the data is partitioned into.")
   clients_per_round: int = _f(10, "Clients sampled per round (without replacement).")
   rounds: int = _f(10, "Number of federated rounds.")
-  partition: str = _f("iid", "How the training set is split across clients.")
+  partition: str = _f("iid", "How the training set is split across clients: iid, lda "
+                      "(Flower's equal-size LDA, alpha), dirichlet (alpha), classes "
+                      "(classes_per_client), natural (the dataset's own writers/speakers).",
+                      PARTITIONS)
   alpha: float = _f(1.0, "Dirichlet concentration for partition=lda|dirichlet (inf = IID).")
   classes_per_client: int = _f(2, "Labels per client for partition=classes.")
   min_partition_size: int = _f(1, "Minimum client size for partition=dirichlet (resampled).")
@@ -49,7 +97,8 @@ class ExperimentConfig:
                        "500-round Speech runs.")
   # Server.
   server_optimizer: str = _f("", "Server optimizer on the pseudo-gradient; '' = the "
-                             "algorithm's default ('none' replaces the model: FedAvg).")
+                             "algorithm's default ('none' replaces the model: FedAvg; sgd "
+                             "with server_momentum = FedAvgM).", SERVER_OPTIMIZERS)
   server_lr: Optional[float] = _f(None, "Server LR (default: 1.0 for sgd, 0.01 for adam/yogi, "
                                   "0.1 for adagrad).")
   server_momentum: float = _f(0.0, "Server SGD momentum (FedAvgM).")
@@ -119,6 +168,13 @@ class ExperimentConfig:
   keep_checkpoints: int = _f(3, "Checkpoints kept.")
   plot_partition: bool = _f(False, "Write the per-client label distribution to workdir as PNG.")
   progress: bool = _f(True, "Show a progress line per round.")
+  progress_every: int = _f(0, "When stderr is not a terminal (a log), print a progress line "
+                           "every N rounds; 0 = about 20 lines per run.")
+  tensorboard: bool = _f(True, "Write TensorBoard event files of every metrics.jsonl scalar "
+                         "to workdir/tensorboard/.")
+  allow_nonfinite: bool = _f(False, "Keep training when the loss, parameters or server state "
+                             "become NaN/inf (default: stop with an error, keep the last good "
+                             "checkpoint).")
   # Synthetic data (dataset=synthetic).
   synthetic_shape: str = _f("28,28,1", "Example shape of synthetic data, comma-separated.")
   synthetic_classes: int = _f(10, "Classes of synthetic data.")
@@ -159,10 +215,14 @@ class ExperimentConfig:
   def validate(self) -> "ExperimentConfig":
     """Raises ConfigError naming the first bad value and its accepted range."""
     for f in dataclasses.fields(self):
+      if f.name == "algorithm":   # the registry knows the names (and import specs)
+        continue
       choices = f.metadata.get("choices")
       value = getattr(self, f.name)
       if choices and value not in choices:
         raise ConfigError(f"{f.name}={value!r} is not one of {list(choices)}")
+    from sparsefl_jax import algorithms   # lazy: this module stays importable without JAX
+    algorithm = algorithms.algorithm_class(self.algorithm)   # ConfigError when unknown
     _at_least(self, "num_clients", 1)
     _at_least(self, "rounds", 1)
     _at_least(self, "local_epochs", 1)
@@ -173,6 +233,7 @@ class ExperimentConfig:
     _at_least(self, "eval_batch_size", 1)
     _at_least(self, "eval_every", 0)
     _at_least(self, "checkpoint_every", 0)
+    _at_least(self, "progress_every", 0)
     _at_least(self, "keep_checkpoints", 1)
     _at_least(self, "classes_per_client", 1)
     _at_least(self, "min_partition_size", 1)
@@ -215,16 +276,7 @@ class ExperimentConfig:
     _at_least(self, "block_size", 1)
     if self.vote_threshold != -1 and self.vote_threshold < 1:
       raise ConfigError(f"vote_threshold={self.vote_threshold} must be -1 (floor(K/2)) or >= 1")
-    block_methods = ("swat", "zerofl", "topk", "sparsyfed", "fedsparsify_global",
-                     "fedsparsify_local")
-    if self.sparsity_structure == "block" and self.algorithm not in block_methods:
-      raise ConfigError(f"sparsity_structure='block' is implemented for algorithms "
-                        f"{list(block_methods)}; got algorithm={self.algorithm!r}")
-    if self.matmul_impl == "pallas" and (self.sparsity_structure != "block"
-                                         or self.algorithm not in ("swat", "zerofl")):
-      raise ConfigError(f"matmul_impl='pallas' needs sparsity_structure='block' and algorithm "
-                        f"swat or zerofl (got {self.sparsity_structure!r}, "
-                        f"{self.algorithm!r})")
+    self._check_block_support(algorithm)
     if not self.beta >= 1.0 or not math.isfinite(self.beta):
       raise ConfigError(f"beta={self.beta} must be a finite number >= 1")
     if self.server_lr is not None:
@@ -234,7 +286,50 @@ class ExperimentConfig:
                         "and checkpoints to")
     if self.dataset == "synthetic":
       _ = self.synthetic_example_shape
+    if self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
+      raise ConfigError(f"server_optimizer={self.server_optimizer!r} is not one of "
+                        f"{list(SERVER_OPTIMIZER_NAMES)} ('' = the algorithm's default)")
+    self._check_sparsity_support(algorithm)
+    self._check_input_shape()
     return self
+
+  # What an algorithm honours is declared on its class (`sparse`, `supports_block`,
+  # `supports_pallas`, `reads_sparse_layers`), so adding a method never edits this file.
+  def _check_block_support(self, cls) -> None:
+    """Refuses block masks / the Pallas matmul for an algorithm that does not implement them."""
+    from sparsefl_jax.algorithms import with_capability
+    if self.sparsity_structure == "block" and not cls.supports_block:
+      raise ConfigError(f"sparsity_structure='block' is implemented for algorithms "
+                        f"{list(with_capability('supports_block'))}; got "
+                        f"algorithm={self.algorithm!r}")
+    if self.matmul_impl == "pallas" and (self.sparsity_structure != "block"
+                                         or not cls.supports_pallas):
+      raise ConfigError(f"matmul_impl='pallas' needs sparsity_structure='block' and algorithm "
+                        f"in {list(with_capability('supports_pallas'))} (got "
+                        f"{self.sparsity_structure!r}, {self.algorithm!r})")
+
+  def _check_sparsity_support(self, cls) -> None:
+    """A sparse method needs --sparsity > 0; --sparse_layers only where it is read."""
+    from sparsefl_jax.algorithms import with_capability
+    if cls.sparse and self.sparsity <= 0.0:
+      raise ConfigError(f"sparsity={self.sparsity} with algorithm={self.algorithm!r}: sparse "
+                        "methods need an explicit --sparsity in (0, 1) (e.g. 0.9)")
+    if self.sparse_layers != "default" and not cls.reads_sparse_layers:
+      raise ConfigError(f"sparse_layers={self.sparse_layers!r} is only read by algorithms "
+                        f"{list(with_capability('reads_sparse_layers'))}; got "
+                        f"algorithm={self.algorithm!r} (accepted here: 'default')")
+
+  def _check_input_shape(self) -> None:
+    """Refuses a paper model fed a dataset of another input shape (digits into fmnist_fc)."""
+    want = FIXED_INPUT_MODELS.get(self.model)
+    have = (self.synthetic_example_shape if self.dataset == "synthetic"
+            else DATASET_SHAPES.get(self.dataset))
+    if want is None or have is None or tuple(have) == want:
+      return
+    fits = sorted(d for d, s in DATASET_SHAPES.items() if s == want)
+    raise ConfigError(f"model={self.model!r} takes {'x'.join(map(str, want))} inputs but "
+                      f"dataset={self.dataset!r} has {'x'.join(map(str, have))}; accepted "
+                      f"datasets for it: {fits} (or linear/mlp_small/small_cnn for any shape)")
 
 
 def _at_least(cfg, name: str, low: int) -> None:
@@ -285,3 +380,27 @@ def parse_flagfile(path: str) -> Dict[str, Any]:
     else:
       out[key] = value
   return out
+
+
+def config_to_json(cfg: ExperimentConfig) -> Dict[str, Any]:
+  """The config as strict-JSON values: a non-finite float setting (alpha=inf) becomes the
+  string 'inf' so `config.json` stays valid JSON and round-trips through `config_from_json`."""
+  out = dataclasses.asdict(cfg)
+  for k, v in out.items():
+    if isinstance(v, float) and not math.isfinite(v):
+      out[k] = str(v)
+  return out
+
+
+def config_from_json(values: Dict[str, Any]) -> ExperimentConfig:
+  """Inverse of `config_to_json`; fields missing from an older file take their defaults,
+  unknown keys are an error."""
+  hints = typing.get_type_hints(ExperimentConfig)
+  unknown = sorted(set(values) - set(hints))
+  if unknown:
+    raise ConfigError(f"config has unknown settings {unknown}")
+  out = dict(values)
+  for k, v in out.items():
+    if isinstance(v, str) and hints[k] in (float, Optional[float]):
+      out[k] = float(v)
+  return ExperimentConfig(**out)

@@ -1,13 +1,24 @@
-"""The per-round metrics stream: `metrics.jsonl`, one JSON object per round."""
+"""The per-round metrics stream: `metrics.jsonl`, one strict-JSON object per round.
+
+Rows are appended with flush + fsync, so a crash loses at most the row being written (a
+partial last line); `truncate_after` drops such a line on resume. Non-finite floats are
+written as `null` (strict JSON: no bare NaN/Infinity).
+"""
 import json
+import logging
+import math
 import os
 from typing import Any, Dict, List
 
 import numpy as np
 
 
+class MetricsFileError(ValueError):
+  """metrics.jsonl is damaged where it cannot be repaired (a bad line before the last)."""
+
+
 def to_python(value: Any) -> Any:
-  """Converts jax/numpy scalars and arrays to JSON-ready Python values."""
+  """Converts jax/numpy scalars and arrays to JSON-ready Python values (non-finite → None)."""
   if isinstance(value, dict):
     return {k: to_python(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -15,8 +26,25 @@ def to_python(value: Any) -> Any:
   arr = np.asarray(value)
   if arr.ndim == 0:
     item = arr.item()
-    return float(item) if isinstance(item, float) else item
-  return arr.tolist()
+    if isinstance(item, float):
+      return item if math.isfinite(item) else None
+    return item
+  return to_python(arr.tolist())
+
+
+def dumps_strict(obj: Any, **kwargs) -> str:
+  """json.dumps that writes non-finite floats as null and never emits NaN/Infinity."""
+  return json.dumps(to_python(obj), allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes strict JSON to `path` through a temporary file and an atomic rename."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(dumps_strict(obj, indent=2, sort_keys=True))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 class MetricsWriter:
@@ -25,24 +53,54 @@ class MetricsWriter:
   def __init__(self, path: str):
     self.path = path
 
-  def truncate_after(self, round_index: int) -> None:
-    """Keeps rows with round <= round_index (a resumed run re-creates the later ones)."""
-    rows = [r for r in read_metrics(self.path) if r.get("round", 0) <= round_index]
-    with open(self.path, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+  def truncate_after(self, round_index: int) -> List[Dict[str, Any]]:
+    """Keeps rows with round <= round_index (a resumed run re-creates the later ones), drops a
+    partial last line, recreates a missing file; returns the rows kept."""
+    rows = read_metrics(self.path, tolerate_partial_last=True)
+    kept = [r for r in rows if r.get("round", 0) <= round_index]
+    tmp = f"{self.path}.tmp"
+    with open(tmp, "w") as f:
+      for r in kept:
+        f.write(dumps_strict(r) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+    return kept
 
   def write(self, row: Dict[str, Any]) -> None:
+    line = dumps_strict(row) + "\n"
     with open(self.path, "a") as f:
-      f.write(json.dumps(to_python(row)) + "\n")
+      f.write(line)
+      f.flush()
+      os.fsync(f.fileno())
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-  """All rows of a metrics.jsonl file ([] if it does not exist)."""
+def read_metrics(path: str, tolerate_partial_last: bool = False) -> List[Dict[str, Any]]:
+  """All rows of a metrics.jsonl file ([] if it does not exist).
+
+  A line that is not a JSON object raises MetricsFileError naming the file and line; with
+  `tolerate_partial_last` a damaged LAST line (a row cut short by a crash) is dropped with a
+  warning instead.
+  """
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, "rb") as f:
+    lines = f.read().decode("utf-8", errors="replace").split("\n")
+  numbered = [(i + 1, l) for i, l in enumerate(lines) if l.strip()]
+  rows = []
+  for n, (lineno, line) in enumerate(numbered):
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    except ValueError as e:
+      if tolerate_partial_last and n == len(numbered) - 1:
+        logging.warning("%s: dropping damaged last line %d (%s)", path, lineno, e)
+        break
+      raise MetricsFileError(f"{path}: line {lineno} is not a JSON object ({e}); repair or "
+                             "remove that line") from None
+    rows.append(row)
+  return rows
 
 
 MASK_FILE = "round_{:05d}.npz"
@@ -52,7 +110,7 @@ def save_global_mask(directory: str, round_index: int, params) -> str:
   """Writes the non-zero pattern of `params` as packed bits (one array per leaf) to
   `<directory>/round_XXXXX.npz`, for SparsyFed's pairwise-round mask-IoU heat-map."""
   import jax  # local: keep this module importable without touching JAX
-  from sparsefl_jax.sparsity.topk import path_str
+  from sparsefl_jax.tree_paths import path_str
   os.makedirs(directory, exist_ok=True)
   arrays = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:

@@ -86,20 +86,71 @@ def plot_mask_iou_heatmap(rounds, iou: np.ndarray, path: str,
   return path
 
 
+# Plottable values computed from a row's fields: {name: (function of the row, axis label)}.
+DERIVED = {
+    "cumulative_mb": (lambda r: (r["cumulative_uplink_bytes"] + r["cumulative_downlink_bytes"])
+                      / 1e6, "cumulative MB sent (uplink + downlink)"),
+}
+LABELS = {"round": "round", "test_accuracy": "test accuracy", "global_density":
+          "global density (non-zero fraction)", "cumulative_uplink_bytes":
+          "cumulative uplink bytes", "train_loss": "train loss"}
+
+
+def known_metrics(runs: dict) -> list:
+  """Names plot_runs accepts: the metrics reference, derived values, and any key in `runs`."""
+  from sparsefl_jax import metrics_reference
+  names = {n for n in metrics_reference.FIELDS if "<" not in n} | set(DERIVED)
+  for rows in runs.values():
+    for row in rows:
+      names.update(row)
+  return sorted(names)
+
+
+def _check_metric(name: str, runs: dict) -> None:
+  from sparsefl_jax import metrics_reference
+  if name in DERIVED or metrics_reference.reference_name(name) is not None:
+    return
+  if any(name in row for rows in runs.values() for row in rows):
+    return
+  raise ValueError(f"metric {name!r} is not one of {known_metrics(runs)}")
+
+
+def _value(row: dict, name: str):
+  if name in DERIVED:
+    fn = DERIVED[name][0]
+    try:
+      return fn(row)
+    except KeyError:
+      return None
+  return row.get(name)
+
+
 def plot_runs(runs: dict, path: str, x: str = "round", y: str = "test_accuracy",
               title: str = "") -> str:
   """Line plot of metric `y` against `x` for several runs ({label: metrics rows}); rows
-  without `y` (non-evaluation rounds) are skipped. E.g. x='cumulative_uplink_bytes' draws
-  accuracy against communication. Returns path."""
+  without `y` (non-evaluation rounds) are skipped. E.g. x='cumulative_mb' draws accuracy
+  against communication (uplink + downlink). Returns path.
+
+  Raises ValueError, listing the known names, for a metric name that is neither in the
+  metrics reference, nor derived (`DERIVED`), nor in any row; and when no run has a point.
+  """
+  _check_metric(x, runs)
+  _check_metric(y, runs)
+  series = {}
+  for label, rows in runs.items():
+    pts = [(_value(r, x), _value(r, y)) for r in rows]
+    pts = [(a, b) for a, b in pts if a is not None and b is not None]
+    if pts:
+      series[label] = pts
+  if not series:
+    raise ValueError(f"no run has both {x!r} and {y!r} in any row (runs: {list(runs)})")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4))
-  for label, rows in runs.items():
-    pts = [(r[x], r[y]) for r in rows if y in r and x in r]
-    if pts:
-      xs, ys = zip(*pts)
-      ax.plot(xs, ys, marker=".", label=label)
-  ax.set_xlabel(x)
-  ax.set_ylabel(y)
+  for label, pts in series.items():
+    xs, ys = zip(*pts)
+    ax.plot(xs, ys, marker=".", label=label)
+  ax.set_xlabel(DERIVED[x][1] if x in DERIVED else LABELS.get(x, x))
+  ax.set_ylabel(DERIVED[y][1] if y in DERIVED else LABELS.get(y, y))
   if title:
     ax.set_title(title)
   ax.grid(alpha=0.3)

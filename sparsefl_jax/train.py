@@ -5,7 +5,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -13,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsefl_jax import algorithms, data, models
+from sparsefl_jax import algorithms, data, guard, models, preflight
 from sparsefl_jax.checkpoint import Checkpointer
-from sparsefl_jax.config import ConfigError, ExperimentConfig
+from sparsefl_jax.config import (ConfigError, ExperimentConfig, config_from_json,
+                                 config_to_json)
 from sparsefl_jax.data import preprocess
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import client_map as client_map_lib
@@ -23,13 +23,25 @@ from sparsefl_jax.federated import evaluation, optimizers, sharding
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
 from sparsefl_jax.models import introspect
-from sparsefl_jax.metrics import MetricsWriter, read_metrics, save_global_mask
+from sparsefl_jax.metrics import (MetricsWriter, read_metrics, save_global_mask,
+                                  write_json_atomic)
+from sparsefl_jax.progress import Progress
+from sparsefl_jax.stopping import RunInterrupted, StopRequest
+from sparsefl_jax.workdir import WorkdirLock
+from sparsefl_jax.writers import make_writer
 
 # Purpose tags folded into each seed, so equal seeds still give independent streams.
 INIT_STREAM, SAMPLING_STREAM, TRAINING_STREAM = 1, 2, 3
 # Settings that may differ between an interrupted run and its resumption.
+# Display-only settings and the folder's own path (a moved/copied run folder resumes: the
+# folder is the run's identity). `rounds` has its own rule (`rounds_fixed_reason`).
 RESUME_FREE_FIELDS = ("resume", "progress", "eval_batch_size", "keep_checkpoints",
-                      "checkpoint_every", "plot_partition")
+                      "checkpoint_every", "plot_partition", "eval_every", "mask_every",
+                      "allow_nonfinite", "workdir", "progress_every", "tensorboard")
+# Cumulative metrics.jsonl columns and the per-round column each sums; their running totals
+# are saved with every checkpoint, so resume never rebuilds them from metrics.jsonl.
+CUMULATIVE_FIELDS = {"cumulative_uplink_bytes": "uplink_bytes",
+                     "cumulative_downlink_bytes": "downlink_bytes"}
 
 
 @dataclasses.dataclass
@@ -128,7 +140,7 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
 def _prepare_workdir(cfg: ExperimentConfig) -> None:
   try:
     os.makedirs(cfg.workdir, exist_ok=True)
-    probe = os.path.join(cfg.workdir, ".write_test")
+    probe = os.path.join(cfg.workdir, f".write_test.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -136,15 +148,42 @@ def _prepare_workdir(cfg: ExperimentConfig) -> None:
     raise ConfigError(f"workdir={cfg.workdir!r} is not writable ({e.strerror})") from None
 
 
-def _check_resume_config(cfg: ExperimentConfig, path: str) -> None:
-  with open(path) as f:
-    old = json.load(f)
-  new = dataclasses.asdict(cfg)
-  diff = [k for k in new if k not in RESUME_FREE_FIELDS and old.get(k) != new[k]]
+def load_run_config(path: str) -> ExperimentConfig:
+  """The config a run folder was started with (`config.json`); errors name the file."""
+  try:
+    with open(path) as f:
+      values = json.load(f)
+    return config_from_json(values)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{path} is damaged ({e}); restore it or start a new --workdir") from None
+
+
+def rounds_fixed_reason(cfg: ExperimentConfig) -> Optional[str]:
+  """Why this run's schedule depends on the total round count (so `rounds` cannot change on
+  resume), or None when the remaining rounds do not depend on it."""
+  if cfg.lr_schedule == "exponential" and not cfg.lr_horizon:
+    return ("lr_schedule='exponential' decays the LR from --lr to --lr_end over exactly "
+            "--rounds rounds (set --lr_horizon to decouple them)")
+  return algorithms.algorithm_class(cfg.algorithm).rounds_fixed_reason
+
+
+def check_resume_config(cfg: ExperimentConfig, old: ExperimentConfig, path: str) -> None:
+  """Refuses a resume whose settings change training; RESUME_FREE_FIELDS may differ, and
+  `rounds` may change when `rounds_fixed_reason` is None."""
+  new_d, old_d = dataclasses.asdict(cfg), dataclasses.asdict(old)
+  diff = [k for k in new_d if k not in RESUME_FREE_FIELDS and k != "rounds"
+          and old_d[k] != new_d[k]]
   if diff:
     k = diff[0]
-    raise ConfigError(f"--resume with {k}={new[k]!r}, but the run in {cfg.workdir} used "
-                      f"{k}={old.get(k)!r}; resume with the same settings or a new workdir")
+    raise ConfigError(f"--resume with {k}={new_d[k]!r}, but the run in {cfg.workdir} used "
+                      f"{k}={old_d[k]!r} ({path}); resume with the same settings or a new "
+                      "workdir")
+  if cfg.rounds != old.rounds:
+    reason = rounds_fixed_reason(cfg)
+    if reason:
+      raise ConfigError(f"--resume with rounds={cfg.rounds}, but the run used rounds="
+                        f"{old.rounds} and {reason}; keep --rounds={old.rounds} or start a "
+                        "new workdir")
 
 
 def _round_row(t: int, metrics: Dict[str, Any], seconds: float) -> Dict[str, Any]:
@@ -174,32 +213,73 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
 
   `max_rounds` stops this invocation after that many rounds (a checkpoint is written there),
   for time-sliced jobs; a later call with resume=True continues bit-identically.
+  Raises ConfigError (bad settings, busy or damaged workdir), `guard.Diverged` (NaN/inf) and
+  `stopping.RunInterrupted` (SIGINT/SIGTERM, after a checkpoint).
   """
   cfg.validate()
+  preflight.check_before_data(cfg)
   _prepare_workdir(cfg)
-  exp = build_experiment(cfg, dataset)
+  with WorkdirLock(cfg.workdir):
+    stop = StopRequest().install()
+    try:
+      return _run_locked(cfg, dataset, max_rounds, stop)
+    finally:
+      stop.restore()
+
+
+def _load_dataset(cfg: ExperimentConfig):
+  """build_dataset with unreadable prepared data (a corrupt array_record) as one line."""
+  try:
+    return build_dataset(cfg)
+  except (RuntimeError, OSError) as e:
+    where = cfg.data_dir or os.environ.get("SPARSEFL_DATA_DIR") or "the default TFDS data dir"
+    msg = " ".join(str(e).split())[:300]
+    raise ConfigError(f"dataset={cfg.dataset!r} in {where} cannot be read ({msg}); delete "
+                      "the prepared copy and prepare it again") from None
+
+
+def _run_locked(cfg: ExperimentConfig, dataset, max_rounds: Optional[int],
+                stop: StopRequest) -> Dict[str, Any]:
   config_path = os.path.join(cfg.workdir, "config.json")
   metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
   ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  try:
+    return _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path)
+  finally:
+    ckpt.close()
+
+
+def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path):
   writer = MetricsWriter(metrics_path)
   lead = jax.process_index() == 0   # multi-host: one process writes files (orbax coordinates)
-  state = exp.init_state
-  if cfg.resume and ckpt.latest_round() is not None:
-    if os.path.exists(config_path):
-      _check_resume_config(cfg, config_path)
-    state, start = ckpt.restore(state)
-    state = sharding.replicate(jax.tree.map(jnp.asarray, state), exp.mesh)
-    writer.truncate_after(start)
-    logging.info("resumed from round %d", start)
-  elif ckpt.latest_round() is not None:
+  resuming = cfg.resume and ckpt.latest_round() is not None
+  if resuming and os.path.exists(config_path):
+    check_resume_config(cfg, load_run_config(config_path), config_path)
+  elif not cfg.resume and ckpt.latest_round() is not None:
     raise ConfigError(f"workdir={cfg.workdir!r} already holds a run (checkpoint at round "
                       f"{ckpt.latest_round()}); pass --resume to continue it, or choose a new "
                       "--workdir")
+  ds = dataset if dataset is not None else _load_dataset(cfg)
+  preflight.check_after_partition(cfg, ds)
+  exp = build_experiment(cfg, ds)
+  state = exp.init_state
+  counters = {name: 0 for name in CUMULATIVE_FIELDS}
+  if resuming:
+    restored, start, saved = ckpt.restore_verified(state)
+    state = sharding.replicate(jax.tree.map(jnp.asarray, restored), exp.mesh)
+    kept = writer.truncate_after(start) if lead else []
+    if saved.get("legacy"):   # a checkpoint from before counters were saved with it
+      saved = {name: sum(r.get(col, 0) for r in kept) for name, col in CUMULATIVE_FIELDS.items()}
+    counters.update({k: v for k, v in saved.items() if k in counters})
+    if lead and len(kept) < start:
+      logging.warning("%s holds rows for %d of the %d restored rounds (missing or cut); "
+                      "cumulative counters come from the checkpoint", metrics_path, len(kept),
+                      start)
+    logging.info("resumed from round %d", start)
   elif os.path.exists(metrics_path):
     os.remove(metrics_path)
   if lead:
-    with open(config_path, "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+    write_json_atomic(config_path, config_to_json(cfg))
   if cfg.plot_partition and lead:
     from sparsefl_jax import plots  # matplotlib only when asked for
     plots.plot_label_distribution(exp.dataset.label_counts(),
@@ -207,37 +287,71 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
                                   title=_partition_title(cfg))
 
   first = int(state.round) + 1
-  row: Dict[str, Any] = {}
-  cumulative_up = sum(r.get("uplink_bytes", 0) for r in read_metrics(metrics_path))
-  cumulative_down = sum(r.get("downlink_bytes", 0) for r in read_metrics(metrics_path))
   last = cfg.rounds if max_rounds is None else min(cfg.rounds, first - 1 + max_rounds)
+  tb = make_writer(cfg.workdir, cfg.tensorboard and lead, first)
+  progress = Progress(cfg.rounds, cfg.progress_every, enabled=cfg.progress and lead)
+  try:
+    row = _rounds(cfg, exp, state, first, last, stop, ckpt, writer, tb, progress, counters,
+                  lead)
+  finally:
+    progress.close()
+    if tb is not None:
+      tb.close()
+  if not row:   # resumed a finished run: nothing to do, report where it ended
+    done = read_metrics(metrics_path, tolerate_partial_last=True)
+    row = done[-1] if done else {}
+  return row
+
+
+def _rounds(cfg, exp, state, first, last, stop, ckpt, writer, tb, progress, counters, lead
+            ) -> Dict[str, Any]:
+  """Rounds first..last: train, guard, log, checkpoint; returns the last row ({} if none)."""
+  row: Dict[str, Any] = {}
+  warned_nonfinite = False
   for t in range(first, last + 1):
+    if stop.signum is not None:   # signalled before the first round: nothing new to save
+      raise RunInterrupted(f"{stop.name} before round {t}: nothing new to save; continue "
+                           f"with --resume", 128 + stop.signum)
     start = time.perf_counter()
     state, metrics = exp.round_step(state, exp.client_data, exp.train_key)
+    finite = guard.finite_flags(state, metrics.get("train_loss", jnp.zeros(())))
     jax.block_until_ready(state.params)
     row = _round_row(t, metrics, time.perf_counter() - start)
-    cumulative_up += row["uplink_bytes"]
-    cumulative_down += row["downlink_bytes"]
-    row["cumulative_uplink_bytes"] = cumulative_up
-    row["cumulative_downlink_bytes"] = cumulative_down
-    if (cfg.eval_every and t % cfg.eval_every == 0) or t == cfg.rounds:
+    for name, per_round in CUMULATIVE_FIELDS.items():
+      counters[name] += row[per_round]
+      row[name] = counters[name]
+    bad = guard.bad_quantities(finite, {})
+    if ((cfg.eval_every and t % cfg.eval_every == 0) or t == cfg.rounds) and not bad:
       ev = exp.evaluate(state.params, state.model_state, state.algo_state, *exp.test_batches)
       row["test_loss"] = float(ev["loss"])
       row["test_accuracy"] = float(ev["accuracy"])
+      bad = guard.bad_quantities(finite, row)
     if lead:
       writer.write(row)
+    if tb is not None:
+      tb.write(row)
+    if bad and not cfg.allow_nonfinite:
+      good = ckpt.latest_round()
+      kept = (f"last good checkpoint: round {good} in {ckpt.directory}" if good is not None
+              else "no checkpoint was written")
+      raise guard.Diverged(f"round {t}: {', '.join(bad)} not finite (NaN/inf); stopped "
+                           f"without checkpointing it, {kept}; lower --lr, or pass "
+                           "--allow_nonfinite to keep training")
+    if bad and not warned_nonfinite:
+      logging.warning("round %d: %s not finite; continuing (--allow_nonfinite)", t,
+                      ", ".join(bad))
+      warned_nonfinite = True
     if cfg.mask_every and t % cfg.mask_every == 0 and lead:
       save_global_mask(os.path.join(cfg.workdir, "masks"), t, state.params)
-    if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last:
-      ckpt.save(t, state)
-    if cfg.progress and lead:
-      _progress(t, cfg.rounds, row)
-  ckpt.close()
-  if cfg.progress and row:
-    sys.stderr.write("\n")
-  if not row:   # resumed a finished run: nothing to do, report where it ended
-    done = read_metrics(metrics_path)
-    row = done[-1] if done else {}
+    saved = (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last
+    if saved or stop.signum is not None:
+      ckpt.save(t, state, counters)
+    progress.update(t, row)
+    if stop.signum is not None and t < last:
+      progress.close()
+      raise RunInterrupted(f"{stop.name}: stopped after round {t} of {cfg.rounds}; "
+                           f"checkpoint saved in {ckpt.directory}; continue with --resume",
+                           128 + stop.signum)
   return row
 
 
@@ -246,14 +360,3 @@ def _partition_title(cfg: ExperimentConfig) -> str:
             "classes": f"{cfg.classes_per_client} classes per client"}.get(cfg.partition, "")
   return f"{cfg.dataset}: {cfg.partition} partition" + (f" ({detail})" if detail else "")
 
-
-def _progress(t: int, total: int, row: Dict[str, Any]) -> None:
-  width = 24
-  done = int(width * t / total)
-  acc = row.get("test_accuracy")
-  acc_s = f"{acc:.4f}" if acc is not None else "  -   "
-  mb = (row["cumulative_uplink_bytes"] + row["cumulative_downlink_bytes"]) / 1e6
-  sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] round {t}/{total} "
-                   f"loss {row['train_loss']:.4f} acc {acc_s} sent {mb:.1f} MB "
-                   f"({row['seconds']:.2f} s/round)")
-  sys.stderr.flush()

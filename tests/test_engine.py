@@ -1,4 +1,5 @@
 """The jitted round against independent references (numpy FedAvg, optax by hand, ...)."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,7 @@ def test_fedavg_matches_numpy_reference():
 def test_epoch_orders_visit_each_example_once_per_epoch():
   cfg = client_lib.LocalConfig(epochs=3, batch_size=4, max_examples=13)
   orders = np.asarray(client_lib.epoch_orders(jax.random.PRNGKey(0), jnp.int32(9), cfg))
-  assert orders.shape == (3, 16)
+  chex.assert_shape(orders, (3, 16))
   for e in range(3):
     assert sorted(orders[e, :9].tolist()) == list(range(9))
   assert not np.array_equal(orders[0, :9], orders[1, :9])
@@ -133,8 +134,7 @@ def test_padding_equals_unpadded_training():
     state = init_server_state(FedAvg(), init_params(), {}, None, jax.random.PRNGKey(0))
     results.append(step(state, d, jax.random.PRNGKey(5)))
   (s1, m1), (s2, m2) = results
-  np.testing.assert_allclose(s1.params["fc"]["kernel"], s2.params["fc"]["kernel"], rtol=1e-6,
-                             atol=1e-7)
+  chex.assert_trees_all_close(s1.params, s2.params, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(m1["train_loss"], m2["train_loss"], rtol=1e-6)
 
 
@@ -146,8 +146,7 @@ def test_client_maps_agree_with_vmap(client_map):
   step_o, _, _ = make_round(FedAvg(), k=5, momentum=0.5, client_map=client_map, chunk=2)
   sv, mv = step_v(state, data, key)
   so, mo = step_o(state, data, key)
-  np.testing.assert_allclose(sv.params["fc"]["kernel"], so.params["fc"]["kernel"], rtol=1e-5,
-                             atol=1e-6)
+  chex.assert_trees_all_close(sv.params, so.params, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(mv["clients"], mo["clients"])
   np.testing.assert_allclose(mv["train_loss"], mo["train_loss"], rtol=1e-5)
 
@@ -159,8 +158,7 @@ def test_fedprox_with_zero_mu_equals_fedavg():
   step_p, _, _ = make_round(FedProx(mu=0.0))
   sa, _ = step_a(state, data, key)
   sp, _ = step_p(state, data, key)
-  np.testing.assert_allclose(sa.params["fc"]["kernel"], sp.params["fc"]["kernel"], rtol=1e-6,
-                             atol=1e-7)
+  chex.assert_trees_all_close(sa.params, sp.params, rtol=1e-6, atol=1e-7)
 
 
 def test_fedprox_pulls_towards_global_model():
@@ -193,8 +191,7 @@ def test_fedadam_optax_impl_equals_optax_adam_applied_by_hand():
                                                                   expected_params)
     expected_params = optax.apply_updates(expected_params, updates)
     s, _ = step_adam(s, data, key)
-    np.testing.assert_allclose(s.params["fc"]["kernel"], expected_params["fc"]["kernel"],
-                               rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s.params, expected_params, rtol=1e-5, atol=1e-6)
 
 
 def test_server_sgd_lr1_equals_fedavg_replacement():
@@ -203,8 +200,8 @@ def test_server_sgd_lr1_equals_fedavg_replacement():
   step_a, state, _ = make_round(FedAvg())
   sgd = server_optimizer("sgd", 1.0)
   step_s, state_s, _ = make_round(FedAvg(), server=sgd)
-  np.testing.assert_allclose(step_a(state, data, key)[0].params["fc"]["kernel"],
-                             step_s(state_s, data, key)[0].params["fc"]["kernel"], atol=1e-6)
+  chex.assert_trees_all_close(step_a(state, data, key)[0].params,
+                              step_s(state_s, data, key)[0].params, atol=1e-6)
 
 
 def test_sampling_is_deterministic_distinct_and_round_dependent():

@@ -36,8 +36,10 @@ def test_flagfile_parser_rejects_unknown_flags(tmp_path):
 ])
 def test_paper_setting_dry_runs_on_mock_data(tmp_path, name):
   path = os.path.join(ROOT, "experiments", "flags", f"{name}.flags")
+  (tmp_path / "tfds").mkdir()   # data_dir must exist (it is never created)
   cfg = ExperimentConfig.from_flagfile(path, data_dir=str(tmp_path / "tfds"),
                                        workdir=str(tmp_path / "w"), **DRY_RUN)
-  with tfds.testing.mock_data(num_examples=16):
+  # 4 clients x 32 examples: every client holds at least the flagfile's batch_size=32.
+  with tfds.testing.mock_data(num_examples=128):
     row = train.run(cfg)
   assert row["round"] == 1 and 0.0 <= row["test_accuracy"] <= 1.0

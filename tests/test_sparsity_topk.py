@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,7 +170,7 @@ def test_global_topk_masks(method):
                                 np.abs(kernels[1]) >= thr)
   # Unselected leaves get all-True masks (the large biases don't compete).
   assert masks["params"]["Conv_0"]["bias"].all()
-  assert masks["params"]["Dense_0"]["bias"].shape == (5,)
+  chex.assert_shape(masks["params"]["Dense_0"]["bias"], (5,))
   assert masks["params"]["Dense_0"]["bias"].all()
   # No filter: every leaf competes.
   all_masks = topk.global_topk_masks(tree, d, None, method)
@@ -186,9 +187,8 @@ def test_global_topk_masks_traced_and_vmapped():
       t, d, masks_lib.weights_filter, "bisection"), in_axes=(0, None)))
   out = f(stacked, 0.3)
   want = topk.global_topk_masks(tree, 0.3, masks_lib.weights_filter, "top_k")
-  for leaf_out, leaf_want in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(leaf_out[0], leaf_want)
-    np.testing.assert_array_equal(leaf_out[1], leaf_want)
+  chex.assert_trees_all_equal(jax.tree.map(lambda m: m[0], out), want)
+  chex.assert_trees_all_equal(jax.tree.map(lambda m: m[1], out), want)
   # All-zero client: every entry ties at 0, so everything selected is kept.
   assert all(bool(m[2].all()) for m in jax.tree.leaves(out))
 
@@ -241,3 +241,18 @@ def test_traced_k_equals_static_k(n):
   prune = jax.jit(jax.vmap(lambda d: topk.num_to_prune(n, d)))(ds)
   np.testing.assert_array_equal(keep, [topk.num_to_keep(n, d) for d in ds])
   np.testing.assert_array_equal(prune, [topk.num_to_prune(n, d) for d in ds])
+
+
+class TopKVariantsTest(chex.TestCase):
+  """The same thresholds and masks with and without jit (static density)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_threshold_and_mask_match_numpy(self):
+    x = make("ties")
+    for method in METHODS:
+      for d in (0.05, 0.3, 0.999):
+        thr = self.variant(lambda v: topk.topk_threshold(v, d, method))(jnp.asarray(x))
+        mask = self.variant(lambda v: topk.topk_mask(v, d, method))(jnp.asarray(x))
+        chex.assert_shape(mask, x.shape)
+        assert float(thr) == float(ref_threshold(x, d)), (method, d)
+        chex.assert_trees_all_equal(np.asarray(mask), np.abs(x) >= ref_threshold(x, d))

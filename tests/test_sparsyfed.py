@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from sparsefl_jax import ExperimentConfig, metrics, train
+from sparsefl_jax import ExperimentConfig, metrics, train, tree_paths
 from sparsefl_jax.config import ConfigError
 from sparsefl_jax.data import preprocess
+from sparsefl_jax.federated.client import LocalStep
 from sparsefl_jax.algorithms.topk import TopK
 from sparsefl_jax.metrics import read_metrics
 from sparsefl_jax.models import layers
@@ -175,11 +176,12 @@ def _kernel_grads(exp, params, x, client_state, step):
     logits, _, cs = exp.algorithm.forward(
         exp.model, p, exp.init_state.model_state, x, train=True,
         example_mask=jnp.ones((x.shape[0],), bool), rngs={"dropout": jax.random.PRNGKey(0)},
-        client_state=client_state, step=jnp.int32(step))
+        client_state=client_state,
+        step=LocalStep(jnp.int32(step), jnp.int32(0), jnp.int32(step)))
     return jnp.sum(logits * r), cs
 
   g, cs = jax.grad(loss, has_aux=True)(params)
-  return {name: swat.layer_kernel(g, name) for name in exp.algorithm.layers}, cs
+  return {name: tree_paths.layer_kernel(g, name) for name in exp.algorithm.layers}, cs
 
 
 def test_first_batch_caches_conv_thresholds_and_keeps_dense_layers_per_batch():
@@ -191,7 +193,7 @@ def test_first_batch_caches_conv_thresholds_and_keeps_dense_layers_per_batch():
   batch_fn = preprocess.make_batch_fn(exp.dataset)
   xa = batch_fn(exp.client_data.x[0, :8], jax.random.PRNGKey(1), False)
   xb = batch_fn(exp.client_data.x[1, :8], jax.random.PRNGKey(2), False)
-  shapes = swat.weight_layers(params, exp.algorithm.layers)
+  shapes = tree_paths.weight_layers(params, exp.algorithm.layers)
   conv = [n for n, s in shapes.items() if len(s) == 4]
   dense = [n for n, s in shapes.items() if len(s) == 2]
   assert conv and dense
@@ -233,7 +235,7 @@ def test_spectral_average_flag_reaches_the_algorithm():
     exp = train.build_experiment(cfg)
     assert exp.algorithm.spectral_average == average
     betas = exp.algorithm.client_context(exp.init_state.params, (), jnp.int32(1))["betas"]
-    kernel = swat.layer_kernel(exp.init_state.params, "conv1")
+    kernel = tree_paths.layer_kernel(exp.init_state.params, "conv1")
     assert float(betas["conv1"]) == float(powerprop.spectral_exponent(kernel, average=average))
 
 

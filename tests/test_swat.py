@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsefl_jax import models
+from sparsefl_jax import models, tree_paths
 from sparsefl_jax.models import introspect, layers
 from sparsefl_jax.sparsity import swat
 
@@ -91,7 +91,7 @@ def test_inference_uses_topk_weights_and_dense_layers_stay_dense():
     pruned[name] = dict(params[name], kernel=jnp.asarray(_np_topk(params[name]["kernel"], d)))
   np.testing.assert_allclose(model_sparse.apply({"params": params}, x),
                              model_dense.apply({"params": pruned}, x), rtol=1e-5, atol=1e-5)
-  last = list(swat.weight_layers(params))[-1]
+  last = list(tree_paths.weight_layers(params))[-1]
   assert last not in names   # the classifier stays dense by default
 
 
@@ -101,7 +101,7 @@ def test_default_sparse_layers_follow_zerofl():
     x = jnp.zeros((1,) + shape)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     order = introspect.weight_layer_order(model, shapes, x)
-    return swat.weight_layers(shapes["params"], order)
+    return tree_paths.weight_layers(shapes["params"], order)
 
   leaf = ordered_layers("leaf_cnn", 62, (28, 28, 1))
   assert list(swat.select_sparse_layers(leaf, "default")) == ["conv1", "conv2", "fc1"]
@@ -117,7 +117,7 @@ def test_default_sparse_layers_follow_zerofl():
 def test_erk_densities_meet_the_global_budget():
   model = models.get_model("leaf_cnn", 62)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-  layers_ = swat.weight_layers(shapes["params"])
+  layers_ = tree_paths.weight_layers(shapes["params"])
   dens = dict(swat.layer_densities(shapes["params"], 0.9, distribution="erk"))
   total = sum(np.prod(layers_[n]) for n in dens)
   kept = sum(d * np.prod(layers_[n]) for n, d in dens.items())

@@ -4,8 +4,7 @@ import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
+import chex
 import pytest
 
 from sparsefl_jax import ExperimentConfig, train
@@ -40,8 +39,7 @@ def test_resume_is_bit_identical(tmp_path):
   state_b, round_b = Checkpointer(os.path.join(split.workdir, "checkpoints")).restore(
       exp.init_state)
   assert round_a == round_b == 5
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(state_a, state_b)   # structure, shapes, dtypes and values
 
 
 def test_resume_refuses_changed_settings(tmp_path):
@@ -52,7 +50,8 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def _run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",   # this checkout's package, not an installed one
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
   return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"), *args],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
@@ -95,6 +94,7 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch):
   from sparsefl_jax.data import fashion_mnist
   monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "no_debian"))
   monkeypatch.delenv("SPARSEFL_FMNIST_DIR", raising=False)
+  (tmp_path / "tfds").mkdir()   # data_dir must exist (it is never created)
   cfg = ExperimentConfig(dataset="fashion_mnist", model="fmnist_fc", rounds=1,
                          data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "w"))
   with pytest.raises(ValueError, match="dataset-fashion-mnist"):

@@ -23,13 +23,17 @@ branches under vmap. Per-client hooks run under the client map (vmap or lax.map)
 for ONE client; the engine adds the client axis.
 """
 import dataclasses
-from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple
+from typing import Any, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.federated.aggregation import weighted_mean
 from sparsefl_jax.types import AlgoState, ClientState, Params, PRNGKey, PyTree, Scalar
+
+
+class UnboundAlgorithmError(RuntimeError):
+  """A hook that needs model facts ran on an algorithm that `setup()` did not bind."""
 
 
 class Upload(NamedTuple):
@@ -57,6 +61,7 @@ class Algorithm:
   """
   uplink: str = "weights"
   default_server_optimizer: str = "none"
+  bound: bool = False   # set by setup(); see `needs_setup`
 
   name = "fedavg"
   # How the broadcast model is counted on the downlink: None = the run's `comm_encoding`;
@@ -65,6 +70,18 @@ class Algorithm:
   # Whether `aggregate` is the weighted mean of uploads (so the engine may stream it chunk by
   # chunk instead of stacking every upload); None = infer (True unless aggregate is overridden).
   streaming_aggregate = None
+  # Whether hooks read model facts that only `setup()` binds (which layers are sparse, their
+  # call order): such an algorithm refuses to run unbound instead of guessing (by name order,
+  # ResNet-18's classifier would sort before its convolutions and become sparse).
+  needs_setup: ClassVar[bool] = False
+  # Capabilities, read by `config.validate` through the registry (no lists of names there).
+  sparse: ClassVar[bool] = False            # sparsifies: needs an explicit --sparsity > 0
+  supports_block: ClassVar[bool] = False    # honours --sparsity_structure=block
+  supports_pallas: ClassVar[bool] = False   # honours --matmul_impl=pallas (block masks)
+  reads_sparse_layers: ClassVar[bool] = False   # honours --sparse_layers
+  # Why the schedule depends on the total round count (so --rounds cannot change on resume);
+  # None when it does not.
+  rounds_fixed_reason: ClassVar[Optional[str]] = None
 
   def __post_init__(self):
     if self.uplink not in ("weights", "delta"):
@@ -83,9 +100,22 @@ class Algorithm:
     Called once with the freshly initialised parameters and the weight layers' module paths
     in call order (first layer … classifier). An algorithm that changes how weight layers
     compute (SWAT, Powerprop) returns a `models.LinearOp`; the model is then rebuilt with it.
+    The returned algorithm has `bound=True`; overrides bind through `self.bind(...)`.
     """
     del params, layer_order
-    return self, None
+    return self.bind(), None
+
+  def bind(self, **facts) -> "Algorithm":
+    """A copy with the given model facts (dataclass fields) set and `bound=True`."""
+    return dataclasses.replace(self, bound=True, **facts)
+
+  def require_bound(self, hook: str) -> None:
+    """Raises UnboundAlgorithmError when `hook` needs `setup()` and it did not run."""
+    if self.needs_setup and not self.bound:
+      raise UnboundAlgorithmError(
+          f"{type(self).__name__}.{hook} needs the model facts bound by setup(); call "
+          f"`algorithm, op = algorithm.setup(params, layer_order)` first "
+          f"(train.assemble_model does)")
 
   # ---- server side ---------------------------------------------------------------------
   def init_params(self, params: Params, key: PRNGKey) -> Params:
@@ -152,13 +182,32 @@ class Algorithm:
     Returning a new client state lets layer ops cache values across steps (thresholds).
     """
     del step
-    variables = {"params": params, **model_state}
-    if train and model_state:
-      logits, new_state = model.apply(variables, x, train=True, example_mask=example_mask,
-                                      rngs=rngs, mutable=list(model_state.keys()))
-      return logits, dict(new_state), client_state
-    logits = model.apply(variables, x, train=train, example_mask=example_mask, rngs=rngs)
-    return logits, model_state, client_state
+    logits, new_state, _ = self.apply_model(model, params, model_state, x, train=train,
+                                            example_mask=example_mask, rngs=rngs)
+    return logits, new_state, client_state
+
+  @staticmethod
+  def apply_model(model, params: Params, model_state: PyTree, x: jax.Array, *, train: bool,
+                  example_mask: Optional[jax.Array], rngs: Optional[Dict[str, PRNGKey]],
+                  extra_collections: Optional[Dict[str, PyTree]] = None,
+                  mutable_extra: Sequence[str] = ()
+                  ) -> tuple[jax.Array, PyTree, Dict[str, PyTree]]:
+    """The one `model.apply` of every `forward`: (logits, new model state, new extras).
+
+    `extra_collections` are variable collections a method hands its layer op (SWAT's row
+    masks and threshold cache, SparsyFed's β); in training, the model state (BatchNorm
+    statistics) and the extras named in `mutable_extra` come back updated. In evaluation
+    nothing is mutable: the model state comes back as given and the extras dict is empty.
+    """
+    variables = {"params": params, **model_state, **(extra_collections or {})}
+    mutable = [*model_state.keys(), *mutable_extra] if train else []
+    if not mutable:
+      logits = model.apply(variables, x, train=train, example_mask=example_mask, rngs=rngs)
+      return logits, model_state, {}
+    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
+                              mutable=mutable)
+    return (logits, {k: new[k] for k in model_state},
+            {k: new[k] for k in mutable_extra})
 
   def local_loss(self, params: Params, global_params: Params, client_state: ClientState
                  ) -> Scalar:

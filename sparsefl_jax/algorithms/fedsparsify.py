@@ -76,6 +76,10 @@ class _MaskedTraining(Algorithm):
   structure: str = "unstructured"   # 'block': prune whole block_size² blocks of the kernels
   block_size: int = 32
 
+  sparse = supports_block = True
+  rounds_fixed_reason = ("FedSparsify's Eq. 1 pruning schedule reaches sparsity s_T at "
+                         "round T = --rounds")
+
   def __post_init__(self):
     super().__post_init__()
     if self.method not in ("bisection", "sort"):

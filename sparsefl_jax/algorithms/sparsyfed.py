@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from sparsefl_jax.algorithms.base import Algorithm
 from sparsefl_jax.algorithms.topk import TopK
 from sparsefl_jax.sparsity import powerprop, swat
+from sparsefl_jax.tree_paths import layer_kernel, weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class SparsyFed(TopK):
   cached_layers: Tuple[str, ...] = ()   # bound by setup(): layers with a first-batch threshold
 
   name = "sparsyfed"
+  needs_setup = True   # the weight layers (call order) and the cached ones come from setup()
 
   def __post_init__(self):
     super().__post_init__()
@@ -62,19 +64,20 @@ class SparsyFed(TopK):
     return params if self.spectral else powerprop.init_kernels(params, self.beta)
 
   def setup(self, params, layer_order) -> Tuple[Algorithm, powerprop.PowerpropOp]:
-    shapes = swat.weight_layers(params, layer_order)
+    shapes = weight_layers(params, layer_order)
     cached = ()
     if self.act_threshold == "first_batch_all":
       cached = tuple(shapes)
     elif self.act_threshold == "first_batch":   # conv kernels (ndim > 2) only
       cached = tuple(name for name, shape in shapes.items() if len(shape) > 2)
-    bound = dataclasses.replace(self, layers=tuple(layer_order), cached_layers=cached)
+    bound = self.bind(layers=tuple(layer_order), cached_layers=cached)
     return bound, powerprop.PowerpropOp(self.beta, act_pruning=True, method=self.method)
 
   def _betas(self, params) -> dict:
-    return {name: powerprop.spectral_exponent(swat.layer_kernel(params, name),
+    self.require_bound("spectral exponents")
+    return {name: powerprop.spectral_exponent(layer_kernel(params, name),
                                               average=self.spectral_average)
-            for name in swat.weight_layers(params, self.layers)}
+            for name in weight_layers(params, self.layers)}
 
   def client_context(self, global_params, algo_state, t):
     """The spectral exponents depend only on the broadcast model: computed once per round."""
@@ -83,6 +86,7 @@ class SparsyFed(TopK):
 
   def client_init(self, global_params, algo_state, t, key):
     del global_params, t, key
+    self.require_bound("client_init")
     state = {}
     if self.spectral:
       state["betas"] = algo_state["betas"]
@@ -93,6 +97,7 @@ class SparsyFed(TopK):
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
               step=None):
+    self.require_bound("forward")
     extra = {}
     if self.spectral:
       betas = client_state["betas"] if train else self._betas(params)
@@ -104,17 +109,10 @@ class SparsyFed(TopK):
       dens = tuple((name, 0.0) for name in self.cached_layers)
       extra[swat.COLLECTION] = swat.cache_variables(dens, step.index == 0,
                                                     client_state["thr"])
-    if not extra:
-      return super().forward(model, params, model_state, x, train=train,
-                             example_mask=example_mask, rngs=rngs, client_state=client_state,
-                             step=step)
-    variables = {"params": params, **model_state, **extra}
-    if not train:
-      return model.apply(variables, x, train=False), model_state, client_state
-    mutable = [*model_state.keys()] + ([swat.COLLECTION] if use_cache else [])
-    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
-                              mutable=mutable)
-    new_state = {k: new[k] for k in model_state}
+    logits, new_state, new_extra = self.apply_model(
+        model, params, model_state, x, train=train, example_mask=example_mask, rngs=rngs,
+        extra_collections=extra, mutable_extra=[swat.COLLECTION] if use_cache else [])
     if use_cache:
-      client_state = dict(client_state, thr=swat.cached_thresholds(new[swat.COLLECTION], dens))
+      client_state = dict(client_state,
+                          thr=swat.cached_thresholds(new_extra[swat.COLLECTION], dens))
     return logits, new_state, client_state

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.sparsity import block, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
-from sparsefl_jax.sparsity.powerprop import is_kernel
+from sparsefl_jax.tree_paths import is_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class TopK(Algorithm):
   block_size: int = 32
 
   name = "topk"
+  sparse = supports_block = True
 
   def __post_init__(self):
     super().__post_init__()

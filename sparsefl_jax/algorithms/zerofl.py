@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.sparsity import swat, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
+from sparsefl_jax.tree_paths import is_kernel, kernel_layer, layer_kernel, path_str
 
 STRATEGIES = ("topk_weights", "diff_on_topk_weights", "topk_weights_diff", "dense")
 DEFAULT_TOPK_PERIOD = 10   # SWAT's CIFAR configs (U/ERK; the authors' yaml files)
@@ -53,6 +54,8 @@ class ZeroFL(Algorithm):
   layer_densities: Tuple[Tuple[str, float], ...] = ()   # bound by setup()
 
   name = "zerofl"
+  needs_setup = True   # the sparse layers and their densities depend on the call order
+  sparse = supports_block = supports_pallas = reads_sparse_layers = True
   downlink_encoding = "dense"   # ZeroFL compresses the uplink only; the global model goes dense
 
   def __post_init__(self):
@@ -97,15 +100,14 @@ class ZeroFL(Algorithm):
   def setup(self, params, layer_order):
     dens = swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution,
                                 layer_order)
-    bound = dataclasses.replace(self, layer_densities=dens)
-    return bound, swat.SwatOp(dens, self.method, self.structure, self.block_size,
+    return self.bind(layer_densities=dens), swat.SwatOp(dens, self.method, self.structure, self.block_size,
                               self.matmul_impl)
 
-  def densities(self, params):
-    """((layer path, SWAT density), ...) bound by setup() (or derived by name order)."""
-    if self.layer_densities:
-      return self.layer_densities
-    return swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution)
+  def densities(self) -> Tuple[Tuple[str, float], ...]:
+    """((layer path, SWAT density), ...) as bound by setup(); raises when unbound (the
+    densities are a model fact read in call order, never re-derived from parameter names)."""
+    self.require_bound("densities")
+    return self.layer_densities
 
   # ---- threshold caching ------------------------------------------------------------------
   # Unstructured SWAT trains through the 'swat' threshold cache: activation thresholds are
@@ -119,8 +121,8 @@ class ZeroFL(Algorithm):
     del t
     if not self._caches():
       return algo_state
-    return {name: topk.topk_threshold(swat.layer_kernel(global_params, name), d, self.method)
-            for name, d in self.densities(global_params)}
+    return {name: topk.topk_threshold(layer_kernel(global_params, name), d, self.method)
+            for name, d in self.densities()}
 
   def client_init(self, global_params, algo_state, t, key):
     del t, key
@@ -128,7 +130,7 @@ class ZeroFL(Algorithm):
       return ()
     zero = jnp.zeros((), jnp.float32)
     return {name: {"thr_w": algo_state[name], "thr_a": zero}
-            for name, _ in self.densities(global_params)}
+            for name, _ in self.densities()}
 
   def forward(self, model, params, model_state, x, *, train, example_mask, rngs, client_state,
               step=None):
@@ -136,7 +138,7 @@ class ZeroFL(Algorithm):
       return super().forward(model, params, model_state, x, train=train,
                              example_mask=example_mask, rngs=rngs, client_state=client_state,
                              step=step)
-    dens = self.densities(params)
+    dens = self.densities()
     extra = {swat.ROWS_COLLECTION: swat.row_mask_variables([n for n, _ in dens],
                                                            example_mask)}
     if self._caches():
@@ -145,24 +147,22 @@ class ZeroFL(Algorithm):
       refresh = (step.batch % self.topk_period) == 0
       extra[swat.COLLECTION] = swat.cache_variables(dens, refresh, client_state,
                                                     refresh_w=refresh & (step.index > 0))
-    variables = {"params": params, **model_state, **extra}
-    mutable = [*model_state.keys()] + ([swat.COLLECTION] if self._caches() else [])
-    logits, new = model.apply(variables, x, train=True, example_mask=example_mask, rngs=rngs,
-                              mutable=mutable)
-    new_state = {k: new[k] for k in model_state}
+    logits, new_state, new_extra = self.apply_model(
+        model, params, model_state, x, train=True, example_mask=example_mask, rngs=rngs,
+        extra_collections=extra, mutable_extra=[swat.COLLECTION] if self._caches() else [])
     if not self._caches():
       return logits, new_state, client_state
-    return logits, new_state, swat.cached_thresholds(new[swat.COLLECTION], dens)
+    return logits, new_state, swat.cached_thresholds(new_extra[swat.COLLECTION], dens)
 
   # ---- uplink ------------------------------------------------------------------------------
-  def _upload_masks(self, scores, params):
+  def _upload_masks(self, scores):
     """Per-layer top-ρ masks of `scores` on the SWAT-sparse kernels; all-True elsewhere."""
-    rho = {name: self.layer_upload_density(d) for name, d in self.densities(params)}
+    rho = {name: self.layer_upload_density(d) for name, d in self.densities()}
 
-    def density_of(key_path, _):
-      path = topk.path_str(key_path)
-      is_sparse_kernel = path.endswith("/kernel") and path[:-len("/kernel")] in rho
-      return rho[path[:-len("/kernel")]] if is_sparse_kernel else None
+    def density_of(key_path, leaf):
+      path = path_str(key_path)
+      is_sparse_kernel = is_kernel(path, leaf) and kernel_layer(path) in rho
+      return rho[kernel_layer(path)] if is_sparse_kernel else None
 
     dens = jax.tree_util.tree_map_with_path(density_of, scores)
     return topk.layerwise_topk_masks(scores, dens, self.method)
@@ -173,7 +173,7 @@ class ZeroFL(Algorithm):
       return Upload(local_params)
     diff = jax.tree.map(jnp.subtract, local_params, global_params)
     scores = diff if self.strategy == "topk_weights_diff" else local_params
-    masks = self._upload_masks(scores, local_params)
+    masks = self._upload_masks(scores)
     sent = local_params if self.strategy == "topk_weights" else diff
     return Upload(jax.tree.map(lambda v, m: jnp.where(m, v, 0.0), sent, masks))
 

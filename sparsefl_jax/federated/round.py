@@ -152,6 +152,7 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
   the client data through `sharding.replicate(data, round_mesh(cfg))` once, so it is not
   copied to every device each round.
   """
+  algorithm.require_bound("build_round_step")   # unbound ZeroFL/SparsyFed: refuse, not guess
   k_real = cfg.clients_per_round
   k_pad = cfg.padded_clients
   stream = cfg.stream_aggregate and cfg.client_map != "vmap" and streams_aggregate(algorithm)

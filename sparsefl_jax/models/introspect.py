@@ -4,6 +4,7 @@ from typing import Tuple
 import jax
 
 from sparsefl_jax.models.layers import dense_op
+from sparsefl_jax.tree_paths import module_path
 
 
 class _Recorder:
@@ -13,7 +14,7 @@ class _Recorder:
     self.paths = []
 
   def __call__(self, module, contract, x, kernel):
-    path = "/".join(str(p) for p in module.path)
+    path = module_path(module)
     if path not in self.paths:
       self.paths.append(path)
     return dense_op(module, contract, x, kernel)

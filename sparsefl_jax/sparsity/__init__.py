@@ -38,6 +38,6 @@ from sparsefl_jax.sparsity.topk import apply_threshold
 from sparsefl_jax.sparsity.topk import global_topk_masks
 from sparsefl_jax.sparsity.topk import global_topk_threshold
 from sparsefl_jax.sparsity.topk import layerwise_topk_masks
-from sparsefl_jax.sparsity.topk import path_str
+from sparsefl_jax.tree_paths import path_str
 from sparsefl_jax.sparsity.topk import topk_mask
 from sparsefl_jax.sparsity.topk import topk_threshold

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsefl_jax.sparsity import topk
+from sparsefl_jax.tree_paths import is_kernel, path_str
 
 PyTree = Any
 FilterFn = topk.FilterFn
-path_str = topk.path_str
 
 
 # --------------------------------------------------------------------------
@@ -32,9 +32,8 @@ path_str = topk.path_str
 # --------------------------------------------------------------------------
 
 
-def weights_filter(path: str, leaf: Any) -> bool:
-  """Conv and dense kernels: leaves named 'kernel' with ndim >= 2."""
-  return path.split("/")[-1] == "kernel" and np.ndim(leaf) >= 2
+# Conv and dense kernels (`tree_paths.is_kernel`), under the name the filters go by here.
+weights_filter = is_kernel
 
 
 def trainable_filter(path: str, leaf: Any) -> bool:

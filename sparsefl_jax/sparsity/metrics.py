@@ -4,18 +4,15 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
-from sparsefl_jax.sparsity import masks, topk
+from sparsefl_jax.sparsity import masks
+from sparsefl_jax.tree_paths import kernels
 from sparsefl_jax.types import Params
 
 
 def kernel_densities(params: Params) -> Dict[str, jax.Array]:
   """{'density/<layer>': non-zero fraction} for every conv/dense kernel (ZeroFL Fig. 2)."""
-  out = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = topk.path_str(key_path)
-    if path.endswith("/kernel") and leaf.ndim >= 2:
-      out["density/" + path[:-len("/kernel")]] = jnp.mean((leaf != 0).astype(jnp.float32))
-  return out
+  return {"density/" + layer: jnp.mean((leaf != 0).astype(jnp.float32))
+          for layer, leaf in kernels(params)}
 
 
 def global_mask_metrics(old_params: Params, new_params: Params) -> Dict[str, jax.Array]:

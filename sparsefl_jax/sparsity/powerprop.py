@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from sparsefl_jax.sparsity import swat, topk
+from sparsefl_jax.sparsity import swat
+from sparsefl_jax.tree_paths import is_kernel, module_path, path_str
 from sparsefl_jax.types import Params
 
 ACT_THRESHOLDS = ("per_batch", "first_batch", "first_batch_all")
@@ -48,15 +49,10 @@ def inverse_reparam(w: jax.Array, beta) -> jax.Array:
   return jnp.sign(w) * jnp.power(jnp.abs(w), 1.0 / beta)
 
 
-def is_kernel(path: str, leaf) -> bool:
-  """Conv/dense kernels (ndim ≥ 2): the tensors Powerprop and SparsyFed's top-K act on."""
-  return path.endswith("kernel") and jnp.ndim(leaf) >= 2
-
-
 def init_kernels(params: Params, beta: float) -> Params:
   """Applies the Powerprop initialisation to every kernel; biases/BN stay as they are."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: inverse_reparam(x, beta) if is_kernel(topk.path_str(p), x) else x, params)
+      lambda p, x: inverse_reparam(x, beta) if is_kernel(path_str(p), x) else x, params)
 
 
 def spectral_exponent(v: jax.Array, iterations: int = 20, average: str = "nonzero"
@@ -105,7 +101,7 @@ class PowerpropOp:
   layers: Tuple[str, ...] = ()
 
   def __call__(self, module, contract, x, kernel):
-    path = swat.module_path(module)
+    path = module_path(module)
     if self.layers and path not in self.layers:
       return contract(x, kernel)
     beta = self.beta

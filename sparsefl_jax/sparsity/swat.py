@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.sparsity import topk
+from sparsefl_jax.tree_paths import module_path, weight_layers
 
 Contract = Callable[[jax.Array, jax.Array], jax.Array]
 COLLECTION = "swat"
@@ -90,19 +91,6 @@ def row_mask_variables(paths: Sequence[str], example_mask: Optional[jax.Array]) 
 def threshold_keep(w: jax.Array, threshold: jax.Array) -> jax.Array:
   """The 0/1 mask |w| ≥ threshold, as w's dtype."""
   return (topk.abs32(w) >= threshold).astype(w.dtype)
-
-
-def layer_kernel(params, path: str) -> jax.Array:
-  """The kernel of the weight layer at module path `path` ('layer1_0/conv1')."""
-  node = params
-  for p in path.split("/"):
-    node = node[p]
-  return node["kernel"]
-
-
-def module_path(module) -> str:
-  """'layer1_0/conv1' for a flax module bound at that path."""
-  return "/".join(str(p) for p in module.path)
 
 
 STRUCTURES = ("unstructured", "block")
@@ -185,22 +173,6 @@ class SwatOp:
 
 
 # ---- which layers are sparse, and how sparse ------------------------------------------------
-
-
-def weight_layers(params, order: Sequence[str] = ()) -> Dict[str, Tuple[int, ...]]:
-  """{module path: kernel shape} of every conv/dense kernel, in call order when `order`
-  (from `models.introspect.weight_layer_order`) is given, else in parameter (name) order."""
-  found = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = topk.path_str(key_path)
-    if path.endswith("/kernel") and jnp.ndim(leaf) >= 2:
-      found[path[:-len("/kernel")]] = tuple(jnp.shape(leaf))
-  if not order:
-    return found
-  missing = [p for p in found if p not in order]
-  if missing:
-    raise ValueError(f"layer order {list(order)} lacks weight layers {missing}")
-  return {p: found[p] for p in order if p in found}
 
 
 def default_sparse_layers(layers: Dict[str, Tuple[int, ...]]) -> Tuple[str, ...]:

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsefl_jax.tree_paths import path_str
+
 PyTree = Any
 FilterFn = Callable[[str, jax.Array], bool]
 
@@ -49,25 +51,8 @@ _SNAP = 2.0**-21
 
 
 # --------------------------------------------------------------------------
-# Small shared helpers (also used by masks.py and comm.py).
+# Small shared helpers (also used by masks.py and comm.py; `path_str` lives in tree_paths).
 # --------------------------------------------------------------------------
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-  """Turns a ``tree_flatten_with_path`` key path into 'a/b/c'."""
-  parts = []
-  for key in key_path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(str(key.name))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
 
 
 def selection(tree: PyTree, filter_fn: Optional[FilterFn] = None) -> PyTree:
