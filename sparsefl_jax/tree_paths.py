@@ -76,3 +76,15 @@ def weight_layers(params: Any, order: Sequence[str] = ()) -> Dict[str, Tuple[int
   if missing:
     raise ValueError(f"layer order {list(order)} lacks weight layers {missing}")
   return {p: found[p] for p in order if p in found}
+
+
+def nest_by_layer(values: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+  """{'layer1_0/conv1': {'beta': b}} -> {'layer1_0': {'conv1': {'beta': b}}}: per-layer
+  variables in the nested form a flax collection takes (each module reads its own node)."""
+  out: Dict[str, Any] = {}
+  for layer, leaves in values.items():
+    node = out
+    for part in layer.split("/"):
+      node = node.setdefault(part, {})
+    node.update(leaves)
+  return out

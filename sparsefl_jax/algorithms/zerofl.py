@@ -87,21 +87,16 @@ class ZeroFL(Algorithm):
                structure=config.sparsity_structure, block_size=config.block_size,
                matmul_impl=config.matmul_impl)
 
-  @property
-  def upload_density(self) -> float:
-    """ρ = 1 − sp + r_mask of a uniform (SWAT-U) layer."""
-    return min(1.0, 1.0 - self.sparsity + self.mask_ratio)
-
   def layer_upload_density(self, swat_density: float) -> float:
     """ρ_ℓ = 1 − sp_ℓ + r_mask for a layer trained at SWAT density d_ℓ = 1 − sp_ℓ (ERK gives
-    each layer its own sp_ℓ; uniform gives every layer `upload_density`)."""
+    each layer its own sp_ℓ; uniform gives every layer 1 − sp + r_mask)."""
     return min(1.0, swat_density + self.mask_ratio)
 
   def setup(self, params, layer_order):
     dens = swat.layer_densities(params, self.sparsity, self.sparse_layers, self.distribution,
                                 layer_order)
-    return self.bind(layer_densities=dens), swat.SwatOp(dens, self.method, self.structure, self.block_size,
-                              self.matmul_impl)
+    op = swat.SwatOp(dens, self.method, self.structure, self.block_size, self.matmul_impl)
+    return self.bind(layer_densities=dens), op
 
   def densities(self) -> Tuple[Tuple[str, float], ...]:
     """((layer path, SWAT density), ...) as bound by setup(); raises when unbound (the

@@ -251,9 +251,8 @@ def uplink_cost(upload: Upload, model_state: ModelState, encoding: str
   weights, so they travel too) are each encoded per tensor with `encoding`; a mask costs 1 bit
   per entry (whole bytes per tensor), and only in rounds where the method sends it.
   """
-  cost = {"bytes": comm.tree_bytes(upload.values, encoding)
-                   + comm.tree_bytes(model_state, encoding),
-          "nnz": comm.tree_nnz(upload.values) + comm.tree_nnz(model_state),
+  sent_values = (upload.values, model_state)
+  cost = {"bytes": comm.tree_bytes(sent_values, encoding), "nnz": comm.tree_nnz(sent_values),
           "mask_bits": jnp.int32(0)}
   if upload.mask is not None:
     leaves = jax.tree.leaves(upload.mask)
@@ -270,7 +269,7 @@ def downlink_cost(algorithm: Algorithm, global_params: Params, model_state: Mode
   downlink encoding (default: the run's) and the BatchNorm statistics in the run's."""
   return {"bytes": comm.tree_bytes(global_params, algorithm.downlink_encoding or encoding)
                    + comm.tree_bytes(model_state, encoding),
-          "nnz": comm.tree_nnz(global_params) + comm.tree_nnz(model_state)}
+          "nnz": comm.tree_nnz((global_params, model_state))}
 
 
 def round_mesh(cfg: RoundConfig) -> Optional[Mesh]:

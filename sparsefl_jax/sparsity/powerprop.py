@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.sparsity import swat
-from sparsefl_jax.tree_paths import is_kernel, module_path, path_str
+from sparsefl_jax.tree_paths import is_kernel, module_path, nest_by_layer, path_str
 from sparsefl_jax.types import Params
 
 ACT_THRESHOLDS = ("per_batch", "first_batch", "first_batch_all")
@@ -125,10 +125,4 @@ class PowerpropOp:
 
 def beta_variables(betas: dict) -> dict:
   """Nested 'powerprop' collection {layer path parts...: {'beta': β_ℓ}} from {path: β_ℓ}."""
-  out: dict = {}
-  for name, b in betas.items():
-    node = out
-    for p in name.split("/"):
-      node = node.setdefault(p, {})
-    node["beta"] = b
-  return out
+  return nest_by_layer({name: {"beta": b} for name, b in betas.items()})

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.sparsity import topk
-from sparsefl_jax.tree_paths import module_path, weight_layers
+from sparsefl_jax.tree_paths import module_path, nest_by_layer, weight_layers
 
 Contract = Callable[[jax.Array, jax.Array], jax.Array]
 COLLECTION = "swat"
@@ -77,15 +77,10 @@ def activation_threshold(module, x: jax.Array, density, method: str = "bisection
 
 def row_mask_variables(paths: Sequence[str], example_mask: Optional[jax.Array]) -> dict:
   """The nested 'batch_rows' collection {layer path parts...: {'mask': example_mask}}."""
-  out: dict = {}
   if example_mask is None:
-    return out
-  for name in paths:
-    node = out
-    for p in name.split("/"):
-      node = node.setdefault(p, {})
-    node["mask"] = jnp.asarray(example_mask, bool)
-  return out
+    return {}
+  mask = jnp.asarray(example_mask, bool)
+  return nest_by_layer({name: {"mask": mask} for name in paths})
 
 
 def threshold_keep(w: jax.Array, threshold: jax.Array) -> jax.Array:
