@@ -6,9 +6,12 @@ restoring unflattens into the structure of a freshly initialised state.
 
 Each step holds two orbax items: `state` (the arrays) and `meta` (JSON: the sha256 of every
 array's bytes, dtype and shape, plus the run's cumulative counters, which `metrics.jsonl`
-cannot be trusted to rebuild). `restore` checks every checksum; a step that fails to load or
-to verify is moved to `<checkpoints>_damaged/` with a warning, and the next older step is
-tried — a truncated file, an empty `_METADATA` or a flipped bit is never trained on.
+cannot be trusted to rebuild). After a save completes, `files.sha256` (size and sha256 of every file
+orbax wrote) is added to the step. `restore` first checks those files, so a truncated file,
+an empty `_METADATA` or a flipped bit is found before orbax reads it (orbax reading a damaged
+file leaves asyncio tasks that print tracebacks later); then it checks every array checksum.
+A step that fails any check is moved to `<checkpoints>_damaged/` with one warning line and
+the next older step is tried — damaged bytes are never trained on.
 """
 import hashlib
 import logging
@@ -25,6 +28,7 @@ from sparsefl_jax.config import ConfigError
 from sparsefl_jax.types import PyTree
 
 META_FORMAT = 1
+FILE_MANIFEST = "files.sha256"   # "<sha256>  <size>  <relative path>" per line
 
 
 class CheckpointError(ConfigError):
@@ -57,13 +61,65 @@ def array_digest(value: np.ndarray) -> str:
   return h.hexdigest()
 
 
+def _step_files(step_dir: str) -> List[str]:
+  out = []
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel != FILE_MANIFEST:
+        out.append(rel)
+  return sorted(out)
+
+
+def _file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_file_manifest(step_dir: str) -> None:
+  """Records size and sha256 of every file in a finished step (written atomically)."""
+  lines = [f"{_file_digest(os.path.join(step_dir, rel))}  "
+           f"{os.path.getsize(os.path.join(step_dir, rel))}  {rel}\n"
+           for rel in _step_files(step_dir)]
+  tmp = os.path.join(step_dir, FILE_MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    f.writelines(lines)
+  os.replace(tmp, os.path.join(step_dir, FILE_MANIFEST))
+
+
+def check_file_manifest(step_dir: str) -> None:
+  """Raises ValueError naming the first file that is missing, cut short or altered.
+
+  A step without a manifest (saved before manifests existed, or killed between orbax's
+  finalize and the manifest write) passes; its arrays are still checksummed after loading.
+  """
+  path = os.path.join(step_dir, FILE_MANIFEST)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    for line in f:
+      digest, size, rel = line.rstrip("\n").split("  ", 2)
+      full = os.path.join(step_dir, rel)
+      if not os.path.exists(full):
+        raise ValueError(f"file {rel} is missing")
+      got = os.path.getsize(full)
+      if got != int(size):
+        raise ValueError(f"file {rel} has {got} bytes, {size} were written")
+      if _file_digest(full) != digest:
+        raise ValueError(f"file {rel} differs from what was written (sha256)")
+
+
 _SILENCED = False
 
 
 def _silence_closed_loop_callbacks() -> None:
-  """A failed orbax read leaves tensorstore callbacks that later hit orbax's closed asyncio
-  loop and print 'Event loop is closed' tracebacks; the failure itself is already reported,
-  so those (and only those) are dropped."""
+  """A failed orbax read leaves tensorstore callbacks and tasks that later hit orbax's closed
+  asyncio loop and print 'Event loop is closed' / 'Task exception was never retrieved'
+  tracebacks; the failure itself is reported as one warning, so those (and only those) are
+  dropped."""
   global _SILENCED
   if _SILENCED:
     return
@@ -76,7 +132,14 @@ def _silence_closed_loop_callbacks() -> None:
     previous(unraisable)
 
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_drop_unretrieved_tensorstore_errors)
   _SILENCED = True
+
+
+def _drop_unretrieved_tensorstore_errors(record: logging.LogRecord) -> bool:
+  """asyncio's 'Task exception was never retrieved' for an orbax read that already failed."""
+  text = record.getMessage()
+  return not (text.startswith("Task exception was never retrieved") and "tensorstore" in text)
 
 
 class Checkpointer:
@@ -104,6 +167,7 @@ class Checkpointer:
     self._manager.save(round_index, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
+    write_file_manifest(os.path.join(self.directory, str(round_index)))
 
   def all_rounds(self) -> List[int]:
     return sorted(self._manager.all_steps())
@@ -132,9 +196,10 @@ class Checkpointer:
     damaged = []
     for step in reversed(steps):
       try:
+        check_file_manifest(os.path.join(self.directory, str(step)))
+        _silence_closed_loop_callbacks()   # before orbax reads: its failures print late
         state, counters = self._load(target, step)
       except Exception as e:  # orbax/tensorstore raise many types; all mean "unreadable"
-        _silence_closed_loop_callbacks()
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         where = os.path.join(self.directory, str(step))
         damaged.append(f"round {step} ({reason})")

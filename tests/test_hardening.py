@@ -233,6 +233,30 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
 
 
 
+@pytest.mark.parametrize("damage,reason", [(_truncate, "bytes, .* were written"),
+                                           (_flip_bits, r"differs from what was written"),
+                                           (_empty_metadata, r"_METADATA has 0 bytes")],
+                         ids=["truncated", "bit_flip", "empty_metadata"])
+def test_file_manifest_names_the_damaged_file_before_orbax_reads_it(tmp_path, damage, reason):
+  from sparsefl_jax.checkpoint import FILE_MANIFEST, check_file_manifest
+  cfg = _interrupted(tmp_path, "f", rounds_done=2)
+  step_dir = os.path.join(cfg.workdir, "checkpoints", "2")
+  assert os.path.exists(os.path.join(step_dir, FILE_MANIFEST))
+  check_file_manifest(step_dir)   # intact: passes
+  damage(cfg, 2)
+  with pytest.raises(ValueError, match=reason):
+    check_file_manifest(step_dir)
+
+
+def test_step_without_manifest_is_still_verified_by_array_checksums(tmp_path, reference):
+  from sparsefl_jax.checkpoint import FILE_MANIFEST
+  cfg = _interrupted(tmp_path, "m")           # checkpoints at rounds 2 and 4
+  os.remove(os.path.join(cfg.workdir, "checkpoints", "4", FILE_MANIFEST))
+  _flip_bits(cfg, 4)
+  train.run(cfg.replace(resume=True))
+  assert os.path.isdir(os.path.join(cfg.workdir, "checkpoints_damaged", "4"))
+  _assert_same_run(cfg, reference)
+
 # The same through the launch script, with no traceback: scripts/faults.sh (drills
 # truncated_ckpt, bitflip_ckpt, empty_metadata).
 
