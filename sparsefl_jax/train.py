@@ -19,7 +19,7 @@ from sparsefl_jax.config import (ConfigError, ExperimentConfig, config_from_json
 from sparsefl_jax.data import preprocess
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import client_map as client_map_lib
-from sparsefl_jax.federated import evaluation, optimizers, sharding
+from sparsefl_jax.federated import evaluation, optimizers, probe, sharding
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
 from sparsefl_jax.models import introspect
@@ -32,6 +32,7 @@ from sparsefl_jax.writers import make_writer
 
 # Purpose tags folded into each seed, so equal seeds still give independent streams.
 INIT_STREAM, SAMPLING_STREAM, TRAINING_STREAM = 1, 2, 3
+DATA_INIT_TAG = 1   # folded into the init stream's key: the probe batch of init_from_data
 # Settings that may differ between an interrupted run and its resumption.
 # Display-only settings and the folder's own path (a moved/copied run folder resumes: the
 # folder is the run's identity). `rounds` has its own rule (`rounds_fixed_reason`).
@@ -112,8 +113,14 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       server_name, cfg.resolved_server_lr(server_name), cfg.server_momentum, cfg.server_b1,
       cfg.server_b2, cfg.server_eps, impl=cfg.server_opt_impl)
   sampling_key = jax.random.fold_in(jax.random.PRNGKey(cfg.sampling_seed), SAMPLING_STREAM)
+  client_data = ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts)
+  algo_state = algorithm.init_state(params)
+  if probe.overrides_init_from_data(algorithm):   # SNIP, GraSP: prune from one batch
+    params, algo_state = probe.run_init_from_data(
+        algorithm, model, batch_fn, client_data, params, model_state, algo_state,
+        cfg.batch_size, jax.random.fold_in(init_key, DATA_INIT_TAG))
   state = round_lib.init_server_state(algorithm, params, model_state, server_opt,
-                                      sampling_key)
+                                      sampling_key, algo_state=algo_state)
   round_cfg = round_lib.RoundConfig(
       num_clients=ds.num_clients, clients_per_round=cfg.clients_per_round,
       local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, ds.max_examples),
@@ -129,8 +136,7 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       round_lib.build_round_step(algorithm, model, batch_fn, round_cfg, server_opt))
   evaluate = evaluation.make_eval_fn(algorithm, model, batch_fn)
   test_batches = evaluation.pad_eval_split(ds.test_x, ds.test_y, cfg.eval_batch_size)
-  client_data = sharding.replicate(ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts),
-                                   mesh)
+  client_data = sharding.replicate(client_data, mesh)
   state = sharding.replicate(state, mesh)
   train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), TRAINING_STREAM)
   return Experiment(cfg, ds, model, algorithm, client_data, step, train_key, state, evaluate,

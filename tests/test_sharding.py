@@ -122,6 +122,28 @@ def test_streaming_aggregate_equals_stacked(client_map, chunk):
   assert_same(streamed, stacked)
 
 
+def vote_method():
+  """FedSparsify-Local: clients prune (rounds 1 and 2), the server merges by majority vote —
+  an aggregate with counted statistics (votes) besides the weighted mean."""
+  from sparsefl_jax.algorithms.fedsparsify import FedSparsifyLocal
+  from sparsefl_jax.sparsity.schedules import PolynomialSchedule
+  return FedSparsifyLocal(schedule=PolynomialSchedule(0.6, 2, start_round=0))
+
+
+def test_fedsparsify_local_streams():
+  assert streams_aggregate(vote_method())
+
+
+@pytest.mark.parametrize("client_map,chunk", [("map", 1), ("chunked", 2)])
+def test_streamed_majority_vote_equals_stacked_and_vmap(client_map, chunk):
+  streamed = run_rounds(vote_method(), client_map, chunk, stream=True)
+  assert_same(streamed, run_rounds(vote_method(), client_map, chunk, stream=False))
+  assert_same(streamed, run_rounds(vote_method(), "vmap", chunk))
+  density = [float(np.mean(np.asarray(x) != 0)) for x in
+             jax.tree.leaves(streamed[0].params["fc"]["kernel"])]
+  assert density[0] < 0.9   # the vote really pruned
+
+
 def test_streaming_with_delta_uplink_and_server_optimizer():
   opt = server_optimizer("adam", 0.05, 0.0, 0.9, 0.99, 1e-3)
   streamed = run_rounds(FedAdam(), "chunked", 2, stream=True, server=opt)
@@ -139,9 +161,11 @@ _SUBPROCESS = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     out = {{}}
     cases = [("vmap", 2, 5, None), ("map", 1, 6, None), ("chunked", 2, 5, None),
-             ("chunked", 2, 4, "adam"), ("vmap", 2, 1, None)]
+             ("chunked", 2, 4, "adam"), ("vmap", 2, 1, None), ("map", 1, 5, "vote"),
+             ("vmap", 2, 5, "vote")]
     for cm, chunk, k, server in cases:
-      algo = FedAdam() if server else FedAvg()
+      algo = {{None: FedAvg(), "adam": FedAdam(), "vote": t.vote_method()}}[server]
+      name, server = type(algo).__name__, (None if server == "vote" else server)
       opt = server_optimizer("adam", 0.05, 0.0, 0.9, 0.99, 1e-3) if server else None
       ref = t.run_rounds(algo, cm, chunk, k=k, num_devices=1, server=opt)
       diffs = {{}}
@@ -151,7 +175,7 @@ _SUBPROCESS = textwrap.dedent("""
         diffs[d] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                        zip(jax.tree.leaves(ref[0].params), jax.tree.leaves(got[0].params)))
         assert got[1][0]["uplink_bytes_per_client"].shape == (k,)
-      out[f"{{cm}}/{{chunk}}/k={{k}}/{{server}}"] = diffs
+      out[f"{{name}}/{{cm}}/{{chunk}}/k={{k}}/{{server}}"] = diffs
     print("RESULT " + json.dumps(out))
 """)
 
@@ -166,7 +190,7 @@ def test_sharded_round_matches_single_device_in_subprocess():
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
   diffs = json.loads(line[len("RESULT "):])
-  assert len(diffs) == 5
+  assert len(diffs) == 7
   for case, per_d in diffs.items():
     for d, diff in per_d.items():
       assert diff < 1e-6, (case, d, diff)

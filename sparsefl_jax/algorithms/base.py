@@ -7,14 +7,25 @@ The engine (`sparsefl_jax.federated.round`) calls the hooks in this order each r
   client: client_init(global, context, t, key)              -> client_state (masks, thresholds, ...)
           for each local step (inside lax.scan):
             forward(...) + local_loss(...)                   -> loss; grads
-            transform_grads(grads, params, client_state)     -> e.g. masked gradients
+            local_update(grads, params, opt_state,
+                         client_state, step)                 -> e.g. masked grads, prune/regrow
             <client optax update>
             post_step(params, opt_state, client_state)       -> e.g. projection onto a mask
           client_upload(global, local, client_state, t)      -> Upload (what goes on the wire)
+          upload_stats(upload)                               -> additive (weighted, counted) sums
           client_metrics(global, upload, client_state)       -> per-client scalars (weighted mean)
-  server: aggregate(global, uploads, weights, algo_state, t) -> candidate model
+  server: finalize_aggregate(global, mean, counts, K, ...)   -> candidate model
           <server optax update towards the candidate>
           server_post(params, algo_state, t)                 -> e.g. pruning, new global masks
+
+Once, before round 1: init_params(params, key), setup(params, layer_order), init_state(params)
+and, for methods that prune from data (SNIP, GraSP), init_from_data(params, algo_state,
+loss_fn, key) with the loss on one batch of one client.
+
+Aggregation is a sum of per-client statistics (`upload_stats`: an example-weighted part and a
+counted part) followed by `finalize_aggregate`: sums are associative, so the engine streams
+them client by client under 'map'/'chunked' (memory flat in clients per round) and reduces
+them across devices with one psum, for every method that does not override `aggregate`.
 
 Every default reproduces FedAvg, so a method overrides only the hooks it changes (the way a
 jaxpruner algorithm overrides one scoring hook). `t` is the unbatched 1-based round number:
@@ -23,12 +34,12 @@ branches under vmap. Per-client hooks run under the client map (vmap or lax.map)
 for ONE client; the engine adds the client axis.
 """
 import dataclasses
-from typing import Any, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from sparsefl_jax.federated.aggregation import weighted_mean
+from sparsefl_jax.federated.aggregation import sum_dtype, weighted_mean
 from sparsefl_jax.types import AlgoState, ClientState, Params, PRNGKey, PyTree, Scalar
 
 
@@ -67,8 +78,8 @@ class Algorithm:
   # How the broadcast model is counted on the downlink: None = the run's `comm_encoding`;
   # a method whose paper sends the global model in a fixed format (ZeroFL: dense) names it.
   downlink_encoding: ClassVar[Optional[str]] = None
-  # Whether `aggregate` is the weighted mean of uploads (so the engine may stream it chunk by
-  # chunk instead of stacking every upload); None = infer (True unless aggregate is overridden).
+  # Whether the engine may stream the aggregate (sum `upload_stats` chunk by chunk instead of
+  # stacking every upload); None = True unless the method overrides `aggregate` itself.
   streaming_aggregate = None
   # Whether hooks read model facts that only `setup()` binds (which layers are sparse, their
   # call order): such an algorithm refuses to run unbound instead of guessing (by name order,
@@ -123,6 +134,19 @@ class Algorithm:
     del key
     return params
 
+  def init_from_data(self, params: Params, algo_state: AlgoState,
+                     loss_fn: Callable[[Params], Scalar], key: PRNGKey
+                     ) -> Tuple[Params, AlgoState]:
+    """Pruning at initialisation from data (SNIP, GraSP): runs once, before round 1.
+
+    `loss_fn(params)` is the mean loss on one batch (--batch_size examples) of one client
+    drawn from the init seed; differentiate it (jax.grad, Hessian-vector products) to score
+    weights. Returns the (masked) parameters and the server state. Called only when a method
+    overrides it, so other methods draw no batch.
+    """
+    del loss_fn, key
+    return params, algo_state
+
   def init_state(self, params: Params) -> AlgoState:
     """Per-method server state (global masks, ...). Must be a pytree of arrays."""
     del params
@@ -144,14 +168,39 @@ class Algorithm:
     del global_params, t
     return algo_state
 
-  def aggregate(self, global_params: Params, uploads: Upload, weights: jax.Array,
-                algo_state: AlgoState, t: Scalar) -> Params:
-    """Combines the stacked uploads (leading client axis) into a candidate global model."""
-    del algo_state, t
-    mean = weighted_mean(uploads.values, weights)
+  def upload_stats(self, upload: Upload) -> Tuple[PyTree, PyTree]:
+    """What ONE client's upload adds to the aggregate: (weighted, counted).
+
+    The engine sums `weighted` over the clients with their example counts n_k and divides by
+    Σ n_k (the example-weighted mean), and sums `counted` over the real clients unweighted
+    (e.g. votes: a bool/int mask). Default: the upload values, nothing counted (FedAvg).
+    """
+    return upload.values, ()
+
+  def finalize_aggregate(self, global_params: Params, mean: PyTree, counts: PyTree,
+                         num_clients: int, algo_state: AlgoState, t: Scalar) -> Params:
+    """The candidate global model from the summed statistics of this round's uploads.
+
+    `mean` = Σ n_k·weighted_k / Σ n_k, `counts` = Σ_k counted_k over the `num_clients`
+    (a static int) real clients of the round.
+    """
+    del counts, num_clients, algo_state, t
     if self.uplink == "delta":
       return jax.tree.map(jnp.add, global_params, mean)
     return mean
+
+  def aggregate(self, global_params: Params, uploads: Upload, weights: jax.Array,
+                algo_state: AlgoState, t: Scalar) -> Params:
+    """Combines the stacked uploads (leading client axis) into a candidate global model.
+
+    Defined by `upload_stats` + `finalize_aggregate`; override those, not this. A method that
+    overrides `aggregate` itself still runs, but its uploads are stacked (never streamed).
+    """
+    weighted, counted = jax.vmap(self.upload_stats)(uploads)
+    mean = weighted_mean(weighted, weights)
+    counts = jax.tree.map(lambda c: jnp.sum(c, axis=0, dtype=sum_dtype(c.dtype)), counted)
+    return self.finalize_aggregate(global_params, mean, counts, weights.shape[0], algo_state,
+                                   t)
 
   def server_post(self, params: Params, algo_state: AlgoState, t: Scalar
                   ) -> tuple[Params, AlgoState]:
@@ -217,8 +266,23 @@ class Algorithm:
 
   def transform_grads(self, grads: Params, params: Params, client_state: ClientState
                       ) -> Params:
+    """Gradients the optimizer sees (e.g. masked); the simple form of `local_update`."""
     del params, client_state
     return grads
+
+  def local_update(self, grads: Params, params: Params, opt_state: PyTree,
+                   client_state: ClientState, step: Any
+                   ) -> Tuple[Params, Params, PyTree, ClientState]:
+    """Runs between the gradient and the optimizer update of every local step.
+
+    Sees the step's gradients, parameters, optimizer state and client state, and the
+    unbatched `federated.client.LocalStep` (index, epoch, batch): a method may change any of
+    them — prune and regrow a mask by gradient magnitude at chosen steps (FedDST), accumulate
+    squared gradients (PruneFL). Returns (grads, params, opt_state, client_state); the default
+    applies `transform_grads`.
+    """
+    del step
+    return self.transform_grads(grads, params, client_state), params, opt_state, client_state
 
   def post_step(self, params: Params, opt_state: PyTree, client_state: ClientState
                 ) -> tuple[Params, PyTree, ClientState]:

@@ -202,12 +202,15 @@ class FedSparsifyLocal(_MaskedTraining):
     del global_params, client_state
     return {"local_density": masks_lib.density(upload.values)}
 
-  def aggregate(self, global_params: Params, uploads: Upload, weights: jax.Array,
-                algo_state: SparsifyState, t: Scalar) -> Params:
+  def upload_stats(self, upload: Upload) -> tuple[Params, PyTree]:
+    # Eq. 2 as sums: the weighted mean over ALL clients and each weight's votes.
+    return upload.values, upload.mask
+
+  def finalize_aggregate(self, global_params: Params, mean: Params, counts: PyTree,
+                         num_clients: int, algo_state: SparsifyState, t: Scalar) -> Params:
     del global_params, t
-    merged = masks_lib.majority_vote_merge(uploads.values, uploads.mask, weights,
-                                           self.threshold(weights.shape[0]))
-    return masks_lib.apply_masks(merged, algo_state.mask)
+    kept = jax.tree.map(lambda c: c >= self.threshold(num_clients), counts)
+    return masks_lib.apply_masks(masks_lib.apply_masks(mean, kept), algo_state.mask)
 
   def server_post(self, params: Params, algo_state: SparsifyState, t: Scalar
                   ) -> tuple[Params, SparsifyState]:

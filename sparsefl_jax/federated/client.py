@@ -123,9 +123,10 @@ def sgd_step(algorithm: Algorithm, model, batch_fn: BatchFn,
     return loss, (new_mstate, new_cstate, data_loss_sum)
 
   grads, (mstate, cstate, batch_loss_sum) = jax.grad(loss_fn, has_aux=True)(carry.params)
-  grads = algorithm.transform_grads(grads, carry.params, cstate)
-  updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
-  params = optax.apply_updates(carry.params, updates)
+  grads, params, opt_state, cstate = algorithm.local_update(grads, carry.params,
+                                                            carry.opt_state, cstate, step)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
   params, opt_state, cstate = algorithm.post_step(params, opt_state, cstate)
   return StepCarry(params, opt_state, mstate, cstate, carry.loss_sum + batch_loss_sum)
 

@@ -5,9 +5,10 @@ the gather of the sampled clients' data, local training (lax.scan) under the cho
 map, the uplink (with its byte count), aggregation weighted by example counts, the server
 optimizer and the method's server-side post-processing.
 
-Under 'map'/'chunked', an algorithm with the default weighted-mean aggregate streams it: a
-lax.scan over client chunks accumulates Σ n_k·upload_k, so peak memory is bounded by the
-chunk rather than the clients per round. With num_devices > 1 the clients (padded with
+Under 'map'/'chunked' the aggregate streams: a lax.scan over client chunks accumulates the
+method's `upload_stats` (Σ n_k·weighted_k and Σ_k counted_k), so peak memory is bounded by the
+chunk rather than the clients per round; the method's `finalize_aggregate` turns the sums into
+the candidate model. With num_devices > 1 the clients (padded with
 zero-weight dummies) are split over a device mesh by shard_map (see `sharding`).
 """
 import dataclasses
@@ -22,12 +23,12 @@ from sparsefl_jax import comm
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import sharding
-from sparsefl_jax.federated.aggregation import weighted_mean
+from sparsefl_jax.federated.aggregation import sum_dtype, weighted_mean
 from sparsefl_jax.federated.client_map import map_clients, validate_client_map
 from sparsefl_jax.federated.optimizers import ClientLRSchedule, client_optimizer
 from sparsefl_jax.federated.sampling import sample_clients
 from sparsefl_jax.federated.state import ClientData, ServerState
-from sparsefl_jax.types import ModelState, Params, PRNGKey
+from sparsefl_jax.types import AlgoState, ModelState, Params, PRNGKey
 
 RoundStep = Callable[[ServerState, ClientData, PRNGKey], Tuple[ServerState, Dict[str, Any]]]
 
@@ -70,20 +71,23 @@ class RoundConfig:
 
 def init_server_state(algorithm: Algorithm, params: Params, model_state: ModelState,
                       server_opt: Optional[optax.GradientTransformation],
-                      sampling_key: PRNGKey) -> ServerState:
-  """The state before round 1. `params` should already have gone through init_params."""
+                      sampling_key: PRNGKey, algo_state: Optional[AlgoState] = None
+                      ) -> ServerState:
+  """The state before round 1. `params` should already have gone through init_params (and
+  `init_from_data`, whose server state is passed as `algo_state`; default: init_state)."""
   opt_state = server_opt.init(params) if server_opt is not None else ()
+  if algo_state is None:
+    algo_state = algorithm.init_state(params)
   return ServerState(round=jnp.zeros((), jnp.int32), params=params,
                      model_state=model_state, opt_state=opt_state,
-                     algo_state=algorithm.init_state(params), sampling_key=sampling_key)
+                     algo_state=algo_state, sampling_key=sampling_key)
 
 
 def streams_aggregate(algorithm: Algorithm) -> bool:
-  """True when the algorithm aggregates by the default example-weighted mean of its uploads.
-
-  Then the round can accumulate Σ_k n_k·upload_k client by client (or chunk by chunk) instead
-  of stacking every upload: peak memory follows the chunk, not the clients per round. An
-  algorithm may set a `streaming_aggregate` attribute to say so explicitly.
+  """True when the round may stream the aggregate: sum the method's `upload_stats` client by
+  client (or chunk by chunk) instead of stacking every upload, so peak memory follows the
+  chunk, not the clients per round. Every method does, unless it overrides `aggregate` itself
+  (or sets `streaming_aggregate = False`).
   """
   flag = getattr(algorithm, "streaming_aggregate", None)
   if flag is not None:
@@ -91,37 +95,39 @@ def streams_aggregate(algorithm: Algorithm) -> bool:
   return type(algorithm).aggregate is Algorithm.aggregate
 
 
-def _mean_to_candidate(algorithm: Algorithm, global_params: Params, mean: Params) -> Params:
-  """What Algorithm.aggregate returns, given the weighted mean of the upload values."""
-  if algorithm.uplink == "delta":
-    return jax.tree.map(jnp.add, global_params, mean)
-  return mean
-
-
 def _weighted_sum(tree, w: jax.Array):
-  return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), tree)
+  """Σ_k w_k·x_k over the leading axis of every leaf (in `sum_dtype`)."""
+  def one(x):
+    dtype = sum_dtype(x.dtype)
+    return jnp.tensordot(w.astype(dtype), x.astype(dtype), axes=1)
+  return jax.tree.map(one, tree)
 
 
-def _stream_clients(fn: Callable, xs, weights: jax.Array, chunk: int):
-  """Runs `fn` (one client -> (big, small)) chunk by chunk, accumulating Σ_k w_k·big_k.
+def _stream_clients(fn: Callable, xs, weights: Tuple[jax.Array, ...], chunk: int):
+  """Runs `fn` (one client -> (sums, small)) chunk by chunk, accumulating Σ_k w_k·sums_k.
 
-  Returns (weighted sums of `big`, stacked per-client `small`). Chunks of `chunk` clients
-  are vmapped (chunk 1: plain calls) inside a lax.scan; a remainder chunk runs after it.
+  `sums` is a tuple with one tree per weight vector in `weights` (e.g. example counts for the
+  weighted mean, 1 per real client for counted statistics). Returns (the weighted sums,
+  stacked per-client `small`). Chunks of `chunk` clients are vmapped (chunk 1: plain calls)
+  inside a lax.scan; a remainder chunk runs after it.
   """
-  k = weights.shape[0]
+  k = weights[0].shape[0]
   n_full, rem = divmod(k, chunk)
 
-  def run_block(block, w):
-    if w.shape[0] == 1:
+  def add_weighted(big, ws):
+    return tuple(_weighted_sum(b, w) for b, w in zip(big, ws))
+
+  def run_block(block, ws):
+    if ws[0].shape[0] == 1:
       big, small = fn(jax.tree.map(lambda a: a[0], block))
-      return _weighted_sum(jax.tree.map(lambda a: a[None], big), w), \
+      return add_weighted(jax.tree.map(lambda a: a[None], big), ws), \
           jax.tree.map(lambda a: a[None], small)
     big, small = jax.vmap(fn)(block)
-    return _weighted_sum(big, w), small
+    return add_weighted(big, ws), small
 
   one = jax.tree.map(lambda a: a[0], xs)
   big_shape, _ = jax.eval_shape(fn, one)
-  acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), big_shape)
+  acc = jax.tree.map(lambda s: jnp.zeros(s.shape, sum_dtype(s.dtype)), big_shape)
   smalls = []
   if n_full:
     blocks = jax.tree.map(lambda a: a[:n_full * chunk].reshape((n_full, chunk) + a.shape[1:]),
@@ -158,8 +164,11 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
   stream = cfg.stream_aggregate and cfg.client_map != "vmap" and streams_aggregate(algorithm)
   mesh = round_mesh(cfg)
 
-  def local_round(global_in, model_state, context, lr, t, xs, ys, ns, keys):
-    """Trains the given clients; returns (aggregate part, per-client scalars)."""
+  def local_round(global_in, model_state, context, lr, t, xs, ys, ns, keys, reals):
+    """Trains the given clients; returns (aggregate part, per-client scalars).
+
+    `reals` is 1 for the round's real clients and 0 for the zero-weight dummies that pad the
+    cohort to a multiple of the devices (counted statistics skip them)."""
     make_opt = lambda: client_optimizer(lr, cfg.momentum, cfg.weight_decay)
 
     def one_client(inputs):
@@ -170,13 +179,17 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
       up = uplink_cost(upload, res.model_state, cfg.comm_encoding)
       cmetrics = algorithm.client_metrics(global_in, upload, res.client_state)
       small = (res.loss_sum, res.num_trained, up, cmetrics)
-      return (upload.values if stream else upload, res.model_state), small
+      if stream:   # (example-weighted, counted) sums; the model state is example-weighted
+        weighted, counted = algorithm.upload_stats(upload)
+        return ((weighted, res.model_state), counted), small
+      return (upload, res.model_state), small
 
     inputs = (xs, ys, ns, keys)
     if stream:
       chunk = 1 if cfg.client_map == "map" else cfg.client_chunk_size
-      sums, small = _stream_clients(one_client, inputs, ns.astype(jnp.float32), chunk)
-      if mesh is not None:
+      sums, small = _stream_clients(one_client, inputs,
+                                    (ns.astype(jnp.float32), reals.astype(jnp.int32)), chunk)
+      if mesh is not None:   # one collective: every statistic is a sum
         sums = jax.lax.psum(sums, sharding.CLIENT_AXIS)
       return sums, small
     return map_clients(one_client, inputs, cfg.client_map, cfg.client_chunk_size)
@@ -184,7 +197,7 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
   if mesh is not None:
     rep, per_client = PartitionSpec(), PartitionSpec(sharding.CLIENT_AXIS)
     local_round = jax.shard_map(
-        local_round, mesh=mesh, in_specs=(rep,) * 5 + (per_client,) * 4,
+        local_round, mesh=mesh, in_specs=(rep,) * 5 + (per_client,) * 5,
         out_specs=(rep if stream else per_client, per_client), check_vma=False)
 
   def round_step(state: ServerState, data: ClientData, key: PRNGKey):
@@ -199,15 +212,17 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
     lr = cfg.lr_schedule(t)
 
     context = algorithm.client_context(global_in, state.algo_state, t)
+    reals = jnp.arange(k_pad) < k_real
     big, small = local_round(global_in, state.model_state, context, lr, t,
-                             xs, ys, ns, client_keys)
+                             xs, ys, ns, client_keys, reals)
     loss_sums, num_trained, up, cmetrics = jax.tree.map(lambda a: a[:k_real], small)
     weights = ns_real.astype(jnp.float32)
     total = jnp.maximum(jnp.sum(weights), 1e-12)
     if stream:
-      value_sums, mstate_sums = big
+      (value_sums, mstate_sums), counts = big
       mean = jax.tree.map(lambda s: s / total.astype(s.dtype), value_sums)
-      candidate = _mean_to_candidate(algorithm, global_in, mean)
+      candidate = algorithm.finalize_aggregate(global_in, mean, counts, k_real,
+                                               state.algo_state, t)
       model_state = jax.tree.map(lambda s: s / total.astype(s.dtype), mstate_sums)
     else:
       uploads, mstates = jax.tree.map(lambda a: a[:k_real], big)
