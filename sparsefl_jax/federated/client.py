@@ -79,17 +79,21 @@ class LocalStep(NamedTuple):
 
   `index` is the step of the padded schedule; `epoch` and `batch` (the batch index within the
   epoch) do not depend on the padded length, so hooks that must be padding-invariant (SWAT's
-  threshold refresh) key on them.
+  threshold refresh) key on them. `round` is the 1-based federated round t (None outside a
+  round, e.g. in a benchmark's lone step), for hooks that act in chosen rounds only (FedDST's
+  mask readjustment every R_adj rounds).
   """
   index: jax.Array
   epoch: jax.Array
   batch: jax.Array
+  round: Optional[jax.Array] = None
 
 
-def local_step(cfg: LocalConfig, s) -> LocalStep:
-  """The `LocalStep` of padded step `s`."""
+def local_step(cfg: LocalConfig, s, t=None) -> LocalStep:
+  """The `LocalStep` of padded step `s` in round `t`."""
   s = jnp.asarray(s, jnp.int32)
-  return LocalStep(s, s // cfg.steps_per_epoch, s % cfg.steps_per_epoch)
+  return LocalStep(s, s // cfg.steps_per_epoch, s % cfg.steps_per_epoch,
+                   None if t is None else jnp.asarray(t, jnp.int32))
 
 
 class StepCarry(NamedTuple):
@@ -174,7 +178,7 @@ def local_train(algorithm: Algorithm, model, batch_fn: BatchFn, cfg: LocalConfig
   def step(carry, s):
     idx, wb, rng = step_batch(cfg, orders, num_examples, step_key, s)
     new = sgd_step(algorithm, model, batch_fn, optimizer, global_params, carry, x[idx],
-                   y[idx], wb, rng, local_step(cfg, s))
+                   y[idx], wb, rng, local_step(cfg, s, t))
     has_data = wb[0] > 0          # the batch's first slot is real iff the batch has data
     return jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, carry), None
 
