@@ -95,6 +95,51 @@ def assemble_model(algorithm: algorithms.Algorithm, model_name: str, num_classes
   return algorithm, model, params, model_state
 
 
+class PhasedRoundStep:
+  """`round_step(state, data, key)` that runs each round with its phase's compiled round.
+
+  A method declaring phases (`Algorithm.round_phase`) gets one jitted round per phase, built
+  on the phase's first round with its cohort size / local epochs (`phase_settings`) and
+  compiled once; reading the round number costs one scalar device-to-host copy per round.
+  """
+
+  def __init__(self, algorithm: algorithms.Algorithm, build, round_cfg: round_lib.RoundConfig):
+    self.algorithm, self._build, self.round_cfg = algorithm, build, round_cfg
+    self._steps: Dict[str, round_lib.RoundStep] = {}
+    self.has_phases = (type(algorithm).round_phase
+                       is not algorithms.Algorithm.round_phase)
+
+  def config_for_phase(self, phase: str) -> round_lib.RoundConfig:
+    """The run's RoundConfig with the phase's cohort size and local epochs."""
+    settings = self.algorithm.phase_settings(phase)
+    rcfg = self.round_cfg
+    if settings.clients_per_round is not None:
+      k = settings.clients_per_round
+      if not 1 <= k <= rcfg.num_clients:
+        raise ConfigError(f"phase {phase!r}: clients_per_round={k} must lie in "
+                          f"[1, num_clients={rcfg.num_clients}]")
+      rcfg = dataclasses.replace(rcfg, clients_per_round=k)
+    if settings.local_epochs is not None:
+      if settings.local_epochs < 1:
+        raise ConfigError(f"phase {phase!r}: local_epochs={settings.local_epochs} must be "
+                          ">= 1")
+      rcfg = dataclasses.replace(rcfg, local=dataclasses.replace(
+          rcfg.local, epochs=settings.local_epochs))
+    return rcfg
+
+  def step_for_phase(self, phase: str) -> round_lib.RoundStep:
+    if phase not in self._steps:
+      self._steps[phase] = self._build(self.algorithm.for_phase(phase),
+                                       self.config_for_phase(phase))
+    return self._steps[phase]
+
+  def step_for_round(self, t: int) -> round_lib.RoundStep:
+    return self.step_for_phase(self.algorithm.round_phase(int(t)))
+
+  def __call__(self, state: ServerState, data: ClientData, key: jax.Array):
+    return self.step_for_round(int(state.round) + 1)(state, data, key)
+
+
 def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
   """Validates `cfg` and builds dataset, model, algorithm, initial state and the jitted round."""
   cfg.validate()
@@ -132,8 +177,10 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding,
       num_devices=cfg.num_devices)
   mesh = round_lib.round_mesh(round_cfg)
-  step = round_lib.jit_round_step(
-      round_lib.build_round_step(algorithm, model, batch_fn, round_cfg, server_opt))
+  step = PhasedRoundStep(algorithm, lambda algo, rcfg: round_lib.jit_round_step(
+      round_lib.build_round_step(algo, model, batch_fn, rcfg, server_opt)), round_cfg)
+  if not step.has_phases:
+    step = step.step_for_phase("train")   # the plain jitted round (no host read of t)
   evaluate = evaluation.make_eval_fn(algorithm, model, batch_fn)
   test_batches = evaluation.pad_eval_split(ds.test_x, ds.test_y, cfg.eval_batch_size)
   client_data = sharding.replicate(client_data, mesh)

@@ -62,6 +62,17 @@ class Upload(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class Phase:
+  """How the rounds of one phase differ from the run's settings (None = as configured).
+
+  FLASH's stage 1 trains a fraction of the clients for 10 local epochs; OneShot prunes in one
+  round. Each phase is its own compiled round (compiled once, on its first round).
+  """
+  clients_per_round: Optional[int] = None
+  local_epochs: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Algorithm:
   """FedAvg; subclasses override hooks. Instances are static (closed over by jit).
 
@@ -73,6 +84,9 @@ class Algorithm:
   uplink: str = "weights"
   default_server_optimizer: str = "none"
   bound: bool = False   # set by setup(); see `needs_setup`
+  # The phase whose round this instance's hooks build (static: hooks may branch on it in
+  # Python); set by `for_phase`. A method without phases only ever sees "train".
+  phase: str = "train"
 
   name = "fedavg"
   # How the broadcast model is counted on the downlink: None = the run's `comm_encoding`;
@@ -127,6 +141,25 @@ class Algorithm:
           f"{type(self).__name__}.{hook} needs the model facts bound by setup(); call "
           f"`algorithm, op = algorithm.setup(params, layer_order)` first "
           f"(train.assemble_model does)")
+
+  # ---- round phases (host side, plain Python ints) --------------------------------------
+  def round_phase(self, t: int) -> str:
+    """The phase of round t (1-based): rounds of one phase share a compiled round_step.
+
+    Must depend on t (and the method's static settings) only, so a resumed run picks the same
+    phases. Default: every round is "train".
+    """
+    del t
+    return "train"
+
+  def phase_settings(self, phase: str) -> Phase:
+    """Cohort size / local epochs of a phase's rounds (default: the run's)."""
+    del phase
+    return Phase()
+
+  def for_phase(self, phase: str) -> "Algorithm":
+    """This algorithm with `phase` set: what the engine builds that phase's round from."""
+    return dataclasses.replace(self, phase=phase)
 
   # ---- server side ---------------------------------------------------------------------
   def init_params(self, params: Params, key: PRNGKey) -> Params:
