@@ -96,8 +96,12 @@ flags.DEFINE_list("scaling_clients", ["1", "2", "4", "8", "16", "32", "64"],
                   "Clients per round in the sweep.")
 flags.DEFINE_list("scaling_maps", ["chunked"], "Client maps of the sweep.")
 flags.DEFINE_integer("scaling_rounds", 2, "Timed rounds per sweep point (after 1 warm-up).")
-flags.DEFINE_list("memory_clients", ["64"], "K for the streamed-vs-stacked memory check "
-                  "(compile only, W1, chunked and map).")
+flags.DEFINE_list("memory_clients", ["16", "64"], "K for the streamed-vs-stacked memory "
+                  "check (compile only, W1): streamed memory stays flat in K.")
+flags.DEFINE_list("memory_algorithms", ["fedavg", "fedsparsify_local", "feddst"],
+                  "Methods of the memory check: aggregates with counted statistics (majority "
+                  "vote, FedDST's mask-count mean) stream like FedAvg's mean.")
+flags.DEFINE_list("memory_maps", ["map", "chunked"], "Client maps of the memory check.")
 flags.DEFINE_list("devices", ["1", "2", "4"], "Simulated CPU device counts (subprocesses); "
                   "empty to skip.")
 flags.DEFINE_string("device_workload", "W1", "Workload of the device sweep.")
@@ -577,23 +581,25 @@ def scaling(workloads: Sequence[Workload], algo: str, peak: float) -> List[Dict[
   return rows
 
 
-def memory_check(algo: str) -> List[Dict[str, Any]]:
-  """XLA temp buffer MB of the compiled W1 round, streamed vs stacked aggregate."""
+def memory_check(algos: Sequence[str]) -> List[Dict[str, Any]]:
+  """XLA temp buffer MB of the compiled W1 round, streamed vs stacked aggregate, per method."""
   rows = []
   wl = WORKLOADS["W1"]
   ks = [int(k) for k in FLAGS.memory_clients]
-  s = build_setup(wl, algo, num_clients=max(ks))
-  for mode in ("chunked", "map"):
-    for k in ks:
-      for stream in (True, False):
-        cfg = round_config(s, k, mode, stream=stream)
-        step = round_lib.jit_round_step(round_lib.build_round_step(
-            s.algorithm, s.model, s.batch_fn, cfg, None))
-        compiled = step.lower(s.state, s.data, jax.random.PRNGKey(0)).compile()
-        rows.append({"workload": "W1", "mode": mode, "clients": k, "stream": stream,
-                     "xla_temp_mb": _temp_mb(compiled)})
-        print(f"  memory W1 {mode:8s} K={k:3d} {'streamed' if stream else 'stacked ':8s}: "
-              f"XLA temp {rows[-1]['xla_temp_mb']:8.1f} MB", flush=True)
+  for algo in algos:
+    s = build_setup(wl, algo, num_clients=max(ks))
+    for mode in FLAGS.memory_maps:
+      for k in ks:
+        for stream in (True, False):
+          cfg = round_config(s, k, mode, stream=stream)
+          step = round_lib.jit_round_step(round_lib.build_round_step(
+              s.algorithm, s.model, s.batch_fn, cfg, None))
+          compiled = step.lower(s.state, s.data, jax.random.PRNGKey(0)).compile()
+          rows.append({"workload": "W1", "algorithm": algo, "mode": mode, "clients": k,
+                       "stream": stream, "xla_temp_mb": _temp_mb(compiled)})
+          print(f"  memory W1 {algo:18s} {mode:8s} K={k:3d} "
+                f"{'streamed' if stream else 'stacked ':8s}: "
+                f"XLA temp {rows[-1]['xla_temp_mb']:8.1f} MB", flush=True)
   return rows
 
 
@@ -648,6 +654,18 @@ def _print_row(r: Dict[str, Any]) -> None:
         f"recompiles {r['compiles_during_timing']}", flush=True)
 
 
+def print_memory_table(rows: List[Dict[str, Any]]) -> None:
+  """Streamed vs stacked XLA temp MB per (method, map, K): streamed stays flat in K."""
+  print("\n| algorithm | map | K | streamed temp MB | stacked temp MB |\n|---|---|---|---|---|")
+  keys = sorted({(r["algorithm"], r["mode"], r["clients"]) for r in rows},
+                key=lambda k: (k[0], k[1], k[2]))
+  for algo, mode, k in keys:
+    mb = {r["stream"]: r["xla_temp_mb"] for r in rows
+          if (r["algorithm"], r["mode"], r["clients"]) == (algo, mode, k)}
+    print(f"| {algo} | {mode} | {k} | {mb.get(True, float('nan')):.1f} | "
+          f"{mb.get(False, float('nan')):.1f} |")
+
+
 def print_table(rows: List[Dict[str, Any]]) -> None:
   loops = [b for b in FLAGS.baselines if any(f"speedup_vs_{b}" in r for r in rows)]
   print("| workload | algorithm | map | s/round | compile s | GFLOP/s | % peak | "
@@ -682,7 +700,8 @@ def main(argv) -> None:
     FLAGS.chunk_size = 2
     FLAGS.scaling_workloads = ["W0"]
     FLAGS.scaling_clients = ["1", "2", "4", "8"]
-    FLAGS.memory_clients = ["8"]
+    FLAGS.memory_clients = ["4", "8"]
+    FLAGS.memory_maps = ["map"]
     FLAGS.devices = ["1", "2"]
     FLAGS.device_workload, FLAGS.device_clients, FLAGS.device_rounds = "W0", 4, 2
     FLAGS.sparse_workloads, FLAGS.sparse_maps = ["W0"], ["vmap"]
@@ -714,8 +733,10 @@ def main(argv) -> None:
     print("scaling in clients per round:")
     results["scaling"] = scaling([WORKLOADS[w] for w in FLAGS.scaling_workloads], algos[0],
                                  peak)
+  mem_algos = [a for a in FLAGS.memory_algorithms if a in algorithms_lib.ALGORITHMS]
+  if mem_algos:
     print("streamed vs stacked aggregate (XLA temp buffers of the compiled round):")
-    results["memory"] = memory_check(algos[0])
+    results["memory"] = memory_check(mem_algos)
   if FLAGS.devices:
     print("simulated CPU devices (one subprocess each):")
     results["devices"] = device_sweep([int(d) for d in FLAGS.devices])
@@ -724,6 +745,8 @@ def main(argv) -> None:
   results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print()
   print_table(results["rounds"])
+  if results.get("memory"):
+    print_memory_table(results["memory"])
   if results.get("sparse_vs_dense"):
     bl = list(FLAGS.sparse_baselines)
     print("\n| workload | map | algorithm | sparsity | s/round | × dense | "
