@@ -17,6 +17,7 @@ class MyMethod(FedAvg):
 
   name = "my_method"
 
-  def aggregate(self, global_params, uploads, weights, algo_state, t):
-    mean = super().aggregate(global_params, uploads, weights, algo_state, t)
-    return jax.tree.map(lambda w: self.scale * w, mean)
+  def finalize_aggregate(self, global_params, mean, counts, num_clients, algo_state, t):
+    candidate = super().finalize_aggregate(global_params, mean, counts, num_clients,
+                                           algo_state, t)
+    return jax.tree.map(lambda w: self.scale * w, candidate)
