@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 import typing
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 
 def _f(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
@@ -180,6 +180,15 @@ class ExperimentConfig:
   synthetic_classes: int = _f(10, "Classes of synthetic data.")
   synthetic_examples: int = _f(64, "Examples per client of synthetic data.")
   synthetic_test: int = _f(256, "Test examples of synthetic data.")
+  # Hyperparameters the run's method declares (`Algorithm.hyperparams`), as (name, value)
+  # pairs sorted by name; a dict is accepted and normalised. Not a flag itself: the launch
+  # script defines one flag per declared hyperparameter and fills this with all of them.
+  method_args: Tuple[Tuple[str, Any], ...] = dataclasses.field(default=(), metadata={
+      "help": "Values of the hyperparameters the algorithm declares ({name: value}).",
+      "choices": None, "flag": False})
+
+  def __post_init__(self):
+    object.__setattr__(self, "method_args", _normalise_method_args(self.method_args))
 
   def replace(self, **changes) -> "ExperimentConfig":
     return dataclasses.replace(self, **changes)
@@ -187,10 +196,25 @@ class ExperimentConfig:
   @classmethod
   def from_flagfile(cls, path: str, **overrides) -> "ExperimentConfig":
     """Reads an absl flagfile (`--name=value` lines, `#` comments, nested `--flagfile=`)
-    into a config, for notebooks and tests that do not go through the launch script."""
+    into a config, for notebooks and tests that do not go through the launch script.
+    A `method_args` override is merged over the file's hyperparameters."""
     values = parse_flagfile(path)
+    if "method_args" in overrides:
+      merged = dict(values.get("method_args", {}))
+      merged.update(dict(_normalise_method_args(overrides.pop("method_args"))))
+      values["method_args"] = merged
     values.update(overrides)
     return cls(**values)
+
+  def with_method_defaults(self) -> "ExperimentConfig":
+    """A copy whose `method_args` holds every hyperparameter the algorithm declares, checked
+    and typed, at its default where unset: so `config.json` records them all and a resume
+    compares the values that train, however the run was started."""
+    from sparsefl_jax import algorithms   # lazy: this module stays importable without JAX
+    from sparsefl_jax.algorithms import hyper
+    cls = algorithms.algorithm_class(self.algorithm)
+    return self.replace(method_args=hyper.with_defaults(cls, dict(self.method_args),
+                                                        self.algorithm))
 
   @property
   def synthetic_example_shape(self) -> Tuple[int, ...]:
@@ -223,6 +247,8 @@ class ExperimentConfig:
         raise ConfigError(f"{f.name}={value!r} is not one of {list(choices)}")
     from sparsefl_jax import algorithms   # lazy: this module stays importable without JAX
     algorithm = algorithms.algorithm_class(self.algorithm)   # ConfigError when unknown
+    from sparsefl_jax.algorithms import hyper
+    hyper.check_args(algorithm, dict(self.method_args), self.algorithm)
     _at_least(self, "num_clients", 1)
     _at_least(self, "rounds", 1)
     _at_least(self, "local_epochs", 1)
@@ -350,35 +376,92 @@ def _in_unit(cfg, name: str) -> None:
     raise ConfigError(f"{name}={value} must lie in [0, 1)")
 
 
-def parse_flagfile(path: str) -> Dict[str, Any]:
-  """{field: typed value} from an absl-style flagfile; unknown flags are an error."""
-  hints = typing.get_type_hints(ExperimentConfig)
-  out: Dict[str, Any] = {}
+def _normalise_method_args(args: Union[None, Mapping[str, Any], Iterable[Tuple[str, Any]]]
+                           ) -> Tuple[Tuple[str, Any], ...]:
+  """`method_args` as hashable (name, value) pairs sorted by name (a dict is accepted)."""
+  if not args:
+    return ()
+  try:
+    pairs = list(args.items()) if isinstance(args, Mapping) else [tuple(p) for p in args]
+  except TypeError:
+    pairs = None
+  if pairs is None or any(len(p) != 2 or not isinstance(p[0], str) for p in pairs):
+    raise ConfigError(f"method_args={args!r} must map hyperparameter names to values, e.g. "
+                      "{'my_scale': 0.5}")
+  names = [k for k, _ in pairs]
+  twice = sorted({k for k in names if names.count(k) > 1})
+  if twice:
+    raise ConfigError(f"method_args names {twice} more than once; give each once")
+  return tuple(sorted(pairs, key=lambda p: p[0]))
+
+
+def flagfile_lines(path: str) -> List[Tuple[str, str, bool, str]]:
+  """(name, value, has '=', file) of every flag line of an absl-style flagfile, in order,
+  nested `--flagfile=` expanded in place (relative to the including file, else to the
+  working directory)."""
   with open(path) as f:
     lines = [l.strip() for l in f]
+  out = []
   for line in lines:
     if not line or line.startswith("#"):
       continue
     if not line.startswith("--"):
       raise ConfigError(f"{path}: line {line!r} is not of the form --name=value")
-    name, _, value = line[2:].partition("=")
+    name, eq, value = line[2:].partition("=")
     if name == "flagfile":
-      out.update(parse_flagfile(os.path.join(os.path.dirname(path), value)
-                                if not os.path.isabs(value) else value))
-      continue
-    is_bool_negation = not _ and name.startswith("no") and name[2:] in hints
-    key = name[2:] if is_bool_negation else name
-    if key not in hints:
-      raise ConfigError(f"{path}: unknown flag --{name}")
-    kind = hints[key]
-    if kind is bool:
-      out[key] = (not is_bool_negation) if not _ else value.lower() in ("1", "true", "yes")
-    elif kind is int:
-      out[key] = int(value)
-    elif kind in (float, Optional[float]):
-      out[key] = float(value)
+      nested = os.path.join(os.path.dirname(path), value)
+      if not os.path.exists(nested) and os.path.exists(value):
+        nested = value   # relative to the working directory, as absl reads it
+      out.extend(flagfile_lines(nested))
     else:
-      out[key] = value
+      out.append((name, value, bool(eq), path))
+  return out
+
+
+def parse_flagfile(path: str) -> Dict[str, Any]:
+  """{field: typed value} from an absl-style flagfile; unknown flags are an error.
+
+  A line naming a hyperparameter declared by a known algorithm (built-in, registered, or the
+  flagfile's own `--algorithm=package.module:ClassName`) goes into `method_args` (a dict);
+  whether the run's algorithm declares it is checked by `validate()`."""
+  hints = typing.get_type_hints(ExperimentConfig)
+  fields = set(hints) - {"method_args"}
+  entries = flagfile_lines(path)
+  out: Dict[str, Any] = {}
+  method_args: Dict[str, Any] = {}
+  table = None   # hyperparameters of the known algorithms, loaded at the first other name
+  for name, value, has_value, where in entries:
+    is_bool_negation = not has_value and name.startswith("no") and name[2:] in fields
+    key = name[2:] if is_bool_negation else name
+    if key in fields:
+      kind = hints[key]
+      if kind is bool:
+        out[key] = (not is_bool_negation) if not has_value else value.lower() in (
+            "1", "true", "yes")
+      elif kind is int:
+        out[key] = int(value)
+      elif kind in (float, Optional[float]):
+        out[key] = float(value)
+      else:
+        out[key] = value
+      continue
+    if table is None:
+      from sparsefl_jax.algorithms import hyper   # lazy: imports the algorithm modules
+      table = hyper.known([v for n, v, _, _ in entries if n == "algorithm" and ":" in v])
+    is_bool_negation = not has_value and name.startswith("no") and name[2:] in table
+    key = name[2:] if is_bool_negation else name
+    if key not in table:
+      raise ConfigError(f"{where}: unknown flag --{name}")
+    declared = table[key][0]
+    if declared.kind is bool and not has_value:
+      method_args[key] = not is_bool_negation
+    else:
+      try:
+        method_args[key] = declared.convert(value)
+      except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+  if method_args:
+    out["method_args"] = method_args
   return out
 
 
@@ -386,9 +469,11 @@ def config_to_json(cfg: ExperimentConfig) -> Dict[str, Any]:
   """The config as strict-JSON values: a non-finite float setting (alpha=inf) becomes the
   string 'inf' so `config.json` stays valid JSON and round-trips through `config_from_json`."""
   out = dataclasses.asdict(cfg)
-  for k, v in out.items():
-    if isinstance(v, float) and not math.isfinite(v):
-      out[k] = str(v)
+  out["method_args"] = dict(cfg.method_args)   # a JSON object {name: value}
+  for d in (out, out["method_args"]):
+    for k, v in d.items():
+      if isinstance(v, float) and not math.isfinite(v):
+        d[k] = str(v)
   return out
 
 
@@ -403,4 +488,26 @@ def config_from_json(values: Dict[str, Any]) -> ExperimentConfig:
   for k, v in out.items():
     if isinstance(v, str) and hints[k] in (float, Optional[float]):
       out[k] = float(v)
+  if out.get("method_args"):
+    out["method_args"] = _restore_method_args(out.get("algorithm", "fedavg"),
+                                              dict(_normalise_method_args(out["method_args"])))
   return ExperimentConfig(**out)
+
+
+def _restore_method_args(algorithm: str, args: Dict[str, Any]) -> Dict[str, Any]:
+  """Float hyperparameters that `config_to_json` wrote as strings ('inf') as floats again;
+  values the algorithm does not declare (or cannot be imported) are left to `validate()`."""
+  from sparsefl_jax import algorithms   # lazy: this module stays importable without JAX
+  from sparsefl_jax.algorithms import hyper
+  try:
+    table = hyper.declared(algorithms.algorithm_class(algorithm))
+  except ConfigError:
+    return args
+  out = dict(args)
+  for k, v in args.items():
+    if k in table and table[k].kind is float and isinstance(v, str):
+      try:
+        out[k] = table[k].convert(v)
+      except ConfigError:
+        pass
+  return out

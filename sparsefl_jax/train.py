@@ -269,7 +269,7 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
   Raises ConfigError (bad settings, busy or damaged workdir), `guard.Diverged` (NaN/inf) and
   `stopping.RunInterrupted` (SIGINT/SIGTERM, after a checkpoint).
   """
-  cfg.validate()
+  cfg = cfg.validate().with_method_defaults()   # config.json and resume see every hyperparam
   preflight.check_before_data(cfg)
   _prepare_workdir(cfg)
   with WorkdirLock(cfg.workdir):

@@ -13,6 +13,7 @@ from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.algorithms.fedadam import FedAdam
 from sparsefl_jax.algorithms.fedavg import FedAvg
 from sparsefl_jax.algorithms.fedprox import FedProx
+from sparsefl_jax.algorithms.hyper import Hyper
 
 _REGISTRY: Dict[str, Tuple[str, str]] = {
     "fedavg": ("fedavg", "FedAvg"),
@@ -111,6 +112,6 @@ def get_algorithm(name: str, config=None) -> Algorithm:
   return cls.from_config(config) if config is not None else cls()
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Upload",
+__all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Hyper", "Upload",
            "algorithm_class", "get_algorithm", "names", "register_algorithm",
            "with_capability"]

@@ -107,6 +107,17 @@ class Algorithm:
   # Why the schedule depends on the total round count (so --rounds cannot change on resume);
   # None when it does not.
   rounds_fixed_reason: ClassVar[Optional[str]] = None
+  # Hyperparameters the method declares (`algorithms.hyper.Hyper`), inherited by subclasses:
+  # each is a --flag of run.py and a key of `ExperimentConfig.method_args`; `from_config`
+  # reads them with `cls.hyper(config, name)`.
+  hyperparams: ClassVar[Tuple["Hyper", ...]] = ()
+
+  @classmethod
+  def hyper(cls, config, name: str) -> Any:
+    """The checked value of the declared hyperparameter `name` in `config` (its default when
+    unset); ConfigError when `cls` does not declare `name` or the value is out of range."""
+    from sparsefl_jax.algorithms import hyper   # the logic lives there; base stays small
+    return hyper.value(cls, config, name)
 
   def __post_init__(self):
     if self.uplink not in ("weights", "delta"):
