@@ -89,14 +89,19 @@ def define_flags(argv: Optional[Sequence[str]] = None,
   accepted values. Raises ConfigError (one line) for a bad import spec or two methods that
   declare one flag differently.
   """
+  from sparsefl_jax import algorithms
+  from sparsefl_jax.algorithms import hyper
   hints = typing.get_type_hints(ExperimentConfig)
   for field in dataclasses.fields(ExperimentConfig):
     if not field.metadata.get("flag", True):   # method_args: filled from the flags below
       continue
-    _define(flag_values, field.name, hints[field.name], field.default,
-            field.metadata["help"], field.metadata.get("choices"),
+    help_text, choices = field.metadata["help"], field.metadata.get("choices")
+    if field.metadata.get("registry") == "algorithms":   # each method declares its own line
+      choices = algorithms.names()
+      help_text = help_text + " Built-ins: " + "; ".join(
+          f"{name} = {text}" for name, text in algorithms.descriptions().items()) + "."
+    _define(flag_values, field.name, hints[field.name], field.default, help_text, choices,
             field.metadata.get("import_spec", False))
-  from sparsefl_jax.algorithms import hyper
   table = hyper.known(algorithm_specs(sys.argv if argv is None else argv))
   _HYPER_FLAGS.clear()
   for name, (h, owners) in table.items():

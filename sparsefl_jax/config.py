@@ -16,31 +16,15 @@ def _f(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
 
 # Accepted values of the open-ended-looking string fields. Plain tuples, so the launch script
 # can list them in --helpfull without importing JAX or TFDS; tests/test_flags.py checks them
-# against the registries they mirror (algorithms.ALGORITHMS, models.MODELS, data.DATASETS,
-# data.PARTITIONS, optimizers.SERVER_OPTIMIZERS).
-ALGORITHM_DESCRIPTIONS: Dict[str, str] = {
-    "fedavg": "FedAvg: example-weighted mean of the client models",
-    "fedprox": "FedProx: FedAvg + proximal term (prox_mu/2)|w - w_t|^2 in local training",
-    "fedadam": "FedAdam: FedAvg clients, Adam on the server's pseudo-gradient",
-    "swat": "SWAT-FL: top-K sparse weights/activations in local training, dense upload",
-    "zerofl": "ZeroFL: SWAT local training + top-(1-sparsity+mask_ratio) sparse upload",
-    "fedsparsify_global": "FedSparsify-Global: the server prunes the average progressively",
-    "fedsparsify_local": "FedSparsify-Local: clients prune, the server merges by majority vote",
-    "sparsyfed": "SparsyFed: Powerprop + activation pruning, global top-K before upload",
-    "topk": "Top-K: dense local training, global top-K of the weights before upload",
-}
-ALGORITHMS: Tuple[str, ...] = tuple(ALGORITHM_DESCRIPTIONS)
+# against the registries they mirror (models.MODELS, data.DATASETS, data.PARTITIONS,
+# optimizers.SERVER_OPTIMIZERS). The algorithms are not listed here: the launch script asks
+# the algorithm registry (each method's file declares its name and description).
 MODELS = ("linear", "mlp_small", "fmnist_fc", "small_cnn", "leaf_cnn", "cifar_cnn", "resnet18",
           "vgg16")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "emnist/byclass",
             "emnist/balanced", "speech_commands", "digits", "synthetic")
 PARTITIONS = ("iid", "lda", "dirichlet", "classes", "natural")
 SERVER_OPTIMIZERS = ("", "none", "sgd", "adam", "yogi", "adagrad")
-
-
-def _algorithm_help() -> str:
-  return "Federated algorithm: " + "; ".join(
-      f"{name} = {text}" for name, text in ALGORITHM_DESCRIPTIONS.items()) + "."
 
 
 class ConfigError(ValueError):
@@ -61,9 +45,9 @@ FIXED_INPUT_MODELS = {"fmnist_fc": (28, 28, 1), "leaf_cnn": (28, 28, 1),
 class ExperimentConfig:
   # What to run.
   algorithm: str = dataclasses.field(default="fedavg", metadata={
-      "help": _algorithm_help() + " Or a method in your own file: 'package.module:ClassName' "
-      "(an Algorithm subclass on the Python path).",
-      "choices": ALGORITHMS, "import_spec": True})
+      "help": "Federated algorithm: a built-in name, or a method in your own file: "
+      "'package.module:ClassName' (an Algorithm subclass on the Python path).",
+      "registry": "algorithms", "import_spec": True})
   dataset: str = _f("fashion_mnist", "Dataset: TFDS-backed (fashion_mnist offline from "
                     "Debian's package; the others from a prepared --data_dir), 'digits' "
                     "(scikit-learn's bundled 8x8 digits) or 'synthetic'.", DATASETS)

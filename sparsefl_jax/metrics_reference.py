@@ -11,8 +11,6 @@ import re
 import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
-ALL = ("fedavg", "fedprox", "fedadam", "swat", "zerofl", "fedsparsify_global",
-       "fedsparsify_local", "sparsyfed", "topk")
 MASK_METHODS = ("swat", "zerofl", "sparsyfed", "topk")        # global-mask metrics
 REGROWTH_METHODS = MASK_METHODS
 FEDSPARSIFY = ("fedsparsify_global", "fedsparsify_local")
@@ -28,7 +26,7 @@ class MetricField:
   Attributes:
     meaning: what the value is.
     unit: its unit ('' for none).
-    methods: the algorithms whose rows carry it.
+    methods: the algorithms whose rows carry it; None = every algorithm.
     scope: 'round' (one value for the round or the new global model), 'sum over clients',
       'mean over clients' (weighted by example counts), or 'per client' (one entry each).
     cumulative: True if summed over rounds 1..t.
@@ -36,7 +34,7 @@ class MetricField:
   """
   meaning: str
   unit: str
-  methods: Tuple[str, ...] = ALL
+  methods: Optional[Tuple[str, ...]] = None
   scope: str = "round"
   cumulative: bool = False
   when: str = EVERY_ROUND
@@ -111,6 +109,30 @@ FIELDS: Dict[str, MetricField] = {
                                    "fraction in [0, 1]", methods=FEDSPARSIFY),
 }
 
+
+
+def fields() -> Dict[str, MetricField]:
+  """FIELDS plus what the built-in methods declare in their own files.
+
+  A method's `metric_fields` ({key: MetricField or None}) documents the keys it emits
+  besides the universal ones: a MetricField adds a row (its `methods` filled in), None
+  adds the method to an existing row of FIELDS. So a new method never edits this module.
+  """
+  from sparsefl_jax import algorithms   # lazy: the registry imports JAX
+  out = dict(FIELDS)
+  for name in algorithms.ALGORITHMS:
+    for key, field in getattr(algorithms.algorithm_class(name), "metric_fields", {}).items():
+      base = out.get(key, field)
+      if base is None:
+        raise ValueError(f"algorithm {name!r} declares metric {key!r} as an existing row, "
+                         "but FIELDS has no such row")
+      if base.methods is None:
+        raise ValueError(f"algorithm {name!r} redeclares the universal metric {key!r}")
+      methods = base.methods if key in out else ()
+      out[key] = dataclasses.replace(base, methods=methods + (name,))
+  return out
+
+
 _PLACEHOLDER = re.compile(r"<[a-z_]+>")
 
 
@@ -119,15 +141,13 @@ def _pattern(name: str) -> "re.Pattern[str]":
   return re.compile(".+".join(re.escape(p) for p in parts) + r"\Z")
 
 
-_PATTERNS = {name: _pattern(name) for name in FIELDS}
-
-
 def reference_name(key: str) -> Optional[str]:
-  """The FIELDS entry a metrics key belongs to ('density/Dense_0' -> 'density/<layer>')."""
-  if key in FIELDS:
+  """The `fields()` entry a metrics key belongs to ('density/Dense_0' -> 'density/<layer>')."""
+  known = fields()
+  if key in known:
     return key
-  for name, pattern in _PATTERNS.items():
-    if "<" in name and pattern.match(key):
+  for name in known:
+    if "<" in name and _pattern(name).match(key):
       return name
   return None
 
@@ -141,8 +161,8 @@ def markdown_table() -> str:
   """The reference as a Markdown table (the block between BUILD.md's markers)."""
   lines = ["| field | meaning | unit | emitted by | scope | cumulative | when |",
            "|---|---|---|---|---|---|---|"]
-  for name, f in FIELDS.items():
-    methods = "all" if f.methods == ALL else ", ".join(f"`{m}`" for m in f.methods)
+  for name, f in fields().items():
+    methods = "all" if f.methods is None else ", ".join(f"`{m}`" for m in f.methods)
     meaning = f.meaning.replace("|", "\\|")   # a literal bar inside a table cell
     lines.append(f"| `{name}` | {meaning} | {f.unit or '–'} | {methods} | {f.scope} | "
                  f"{'yes' if f.cumulative else 'no'} | {f.when} |")

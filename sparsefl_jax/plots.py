@@ -99,7 +99,7 @@ LABELS = {"round": "round", "test_accuracy": "test accuracy", "global_density":
 def known_metrics(runs: dict) -> list:
   """Names plot_runs accepts: the metrics reference, derived values, and any key in `runs`."""
   from sparsefl_jax import metrics_reference
-  names = {n for n in metrics_reference.FIELDS if "<" not in n} | set(DERIVED)
+  names = {n for n in metrics_reference.fields() if "<" not in n} | set(DERIVED)
   for rows in runs.values():
     for row in rows:
       names.update(row)

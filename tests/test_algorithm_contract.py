@@ -88,7 +88,7 @@ def test_register_algorithm_makes_a_name_runnable(tmp_path, monkeypatch):
     ("no_such_module:X", r"algorithm='no_such_module:X': cannot import 'no_such_module'"),
     ("my_method:Nope", r"module 'my_method' has no 'Nope'"),
     ("my_method:jax", r"is not a subclass of sparsefl_jax.algorithms.Algorithm"),
-    ("fedfoo", r"algorithm='fedfoo' is not one of \['fedavg'"),
+    ("fedfoo", r"algorithm='fedfoo' is not one of \['fedadam', 'fedavg'"),
 ])
 def test_bad_algorithm_spec_is_one_config_error(spec, message, monkeypatch):
   monkeypatch.syspath_prepend(TESTS)

@@ -28,17 +28,28 @@ def helpfull():
 
 
 def test_config_choices_mirror_the_registries():
-  assert set(config.ALGORITHMS) == set(algorithms.ALGORITHMS)
   assert set(config.MODELS) == set(models.MODELS)
   assert set(config.DATASETS) == set(data.DATASETS)
   assert set(config.PARTITIONS) == set(data.PARTITIONS)
   assert set(config.SERVER_OPTIMIZERS) == {""} | set(optimizers.SERVER_OPTIMIZERS)
 
 
-@pytest.mark.parametrize("name", ["algorithm", "model", "dataset", "partition",
-                                  "server_optimizer", "client_map", "comm_encoding"])
+@pytest.mark.parametrize("name", ["model", "dataset", "partition", "server_optimizer",
+                                  "client_map", "comm_encoding"])
 def test_string_settings_with_a_fixed_set_are_choices(name):
   assert name in [f.name for f in CHOICE_FIELDS]
+
+
+def test_algorithm_choices_come_from_the_registry(helpfull):
+  flat = "".join(helpfull.split())
+  assert f"--algorithm:<{'|'.join(algorithms.names())}>:" in flat
+
+
+def test_every_builtin_declares_its_name_and_description_in_its_own_file():
+  for name in algorithms.ALGORITHMS:
+    cls = algorithms.algorithm_class(name)
+    assert cls.name == name and vars(cls).get("description"), name
+    assert cls.__module__.startswith("sparsefl_jax.algorithms."), name
 
 
 def test_helpfull_lists_every_choice(helpfull):
@@ -50,7 +61,7 @@ def test_helpfull_lists_every_choice(helpfull):
 
 def test_helpfull_describes_each_algorithm_in_one_line(helpfull):
   flat = "".join(helpfull.split())   # absl wraps at spaces and hyphens
-  for name, text in config.ALGORITHM_DESCRIPTIONS.items():
+  for name, text in algorithms.descriptions().items():
     assert "".join(f"{name} = {text}".split()) in flat, name
 
 
@@ -61,9 +72,10 @@ def test_bad_choice_exits_2_with_one_line_naming_the_accepted_values(tmp_path, f
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stderr
-  field = next(f for f in CHOICE_FIELDS if f.name == flag)
+  choices = (algorithms.names() if flag == "algorithm" else
+             next(f for f in CHOICE_FIELDS if f.name == flag).metadata["choices"])
   assert f"{flag}={value!r}" in lines[0]
-  assert str([c for c in field.metadata["choices"]]) in lines[0]
+  assert str(list(choices)) in lines[0]
 
 
 def test_config_validate_names_the_accepted_values():

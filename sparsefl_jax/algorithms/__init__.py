@@ -1,43 +1,49 @@
 """Federated algorithms: one module per method, each a few hooks on `base.Algorithm`.
 
-The registry maps each built-in `--algorithm` name to (module, class); modules are imported on
-first use, so a method's dependencies load only when it runs. A method defined outside the
-package runs without editing it: `register_algorithm(name, cls)` in-process, or the import
-spec `--algorithm=package.module:ClassName` (the module must be on the Python path).
+The built-ins are found, not listed: every class in a module of this package that subclasses
+`Algorithm` and sets `name` in its own body is the method `--algorithm=<name>` (its
+`description` is the --helpfull line). Adding a built-in is adding one file. A method defined
+outside the package runs without editing it: `register_algorithm(name, cls)` in-process, or
+the import spec `--algorithm=package.module:ClassName` (the module must be on the Python path).
 """
 import importlib
-import importlib.util
+import os
+import pkgutil
 from typing import Dict, Tuple, Type
 
-from sparsefl_jax.algorithms.base import Algorithm, Upload
+from sparsefl_jax.algorithms.base import Algorithm, Phase, Upload
 from sparsefl_jax.algorithms.fedadam import FedAdam
 from sparsefl_jax.algorithms.fedavg import FedAvg
 from sparsefl_jax.algorithms.fedprox import FedProx
 from sparsefl_jax.algorithms.hyper import Hyper
 
-_REGISTRY: Dict[str, Tuple[str, str]] = {
-    "fedavg": ("fedavg", "FedAvg"),
-    "fedprox": ("fedprox", "FedProx"),
-    "fedadam": ("fedadam", "FedAdam"),
-    "swat": ("zerofl", "SwatFL"),
-    "zerofl": ("zerofl", "ZeroFL"),
-    "fedsparsify_global": ("fedsparsify", "FedSparsifyGlobal"),
-    "fedsparsify_local": ("fedsparsify", "FedSparsifyLocal"),
-    "sparsyfed": ("sparsyfed", "SparsyFed"),
-    "topk": ("topk", "TopK"),
-}
+_NOT_METHODS = ("base", "hyper")   # modules of this package that define no method
 
 
-def _available() -> Dict[str, Tuple[str, str]]:
-  """Registered names whose module exists in this checkout."""
-  out = {}
-  for name, (module, cls) in _REGISTRY.items():
-    if importlib.util.find_spec(f"sparsefl_jax.algorithms.{module}") is not None:
-      out[name] = (module, cls)
-  return out
+def _discover() -> Dict[str, Type[Algorithm]]:
+  """{name: class} of the built-ins, sorted by name; two classes with one name are an error."""
+  found: Dict[str, Type[Algorithm]] = {}
+  for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
+    if info.name in _NOT_METHODS or info.name.startswith("_"):
+      continue
+    module = importlib.import_module(f"{__name__}.{info.name}")
+    for obj in vars(module).values():
+      if (isinstance(obj, type) and issubclass(obj, Algorithm) and obj.__module__ ==
+          module.__name__ and "name" in vars(obj) and not obj.__name__.startswith("_")):
+        if obj.name in found and found[obj.name] is not obj:
+          raise RuntimeError(f"two built-in algorithms are named {obj.name!r}: "
+                             f"{found[obj.name].__qualname__} and {obj.__qualname__}")
+        found[obj.name] = obj
+  return dict(sorted(found.items()))
 
 
-ALGORITHMS = tuple(_available())
+_BUILTIN = _discover()
+ALGORITHMS = tuple(_BUILTIN)
+
+
+def descriptions() -> Dict[str, str]:
+  """{name: one-line description} of the built-ins (the --helpfull text of --algorithm)."""
+  return {name: cls.description for name, cls in _BUILTIN.items()}
 
 
 # Methods registered at run time (`register_algorithm`), by name.
@@ -97,8 +103,7 @@ def algorithm_class(name: str) -> Type[Algorithm]:
   if name not in ALGORITHMS:
     raise ConfigError(f"algorithm={name!r} is not one of {list(names())} (or a "
                       "'package.module:ClassName' import spec)")
-  module, cls_name = _REGISTRY[name]
-  return getattr(importlib.import_module(f"sparsefl_jax.algorithms.{module}"), cls_name)
+  return _BUILTIN[name]
 
 
 def with_capability(attribute: str) -> Tuple[str, ...]:
@@ -112,6 +117,6 @@ def get_algorithm(name: str, config=None) -> Algorithm:
   return cls.from_config(config) if config is not None else cls()
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Hyper", "Upload",
-           "algorithm_class", "get_algorithm", "names", "register_algorithm",
-           "with_capability"]
+__all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Hyper", "Phase",
+           "Upload", "algorithm_class", "descriptions", "get_algorithm", "names",
+           "register_algorithm", "with_capability"]

@@ -88,7 +88,11 @@ class Algorithm:
   # Python); set by `for_phase`. A method without phases only ever sees "train".
   phase: str = "train"
 
-  name = "fedavg"
+  # The method's --algorithm name and its one-line --helpfull description. A class that sets
+  # `name` in its own body inside `sparsefl_jax/algorithms/` is a built-in (the registry
+  # finds it); one elsewhere runs by import spec or `register_algorithm`.
+  name: ClassVar[str] = "fedavg"
+  description: ClassVar[str] = ""
   # How the broadcast model is counted on the downlink: None = the run's `comm_encoding`;
   # a method whose paper sends the global model in a fixed format (ZeroFL: dense) names it.
   downlink_encoding: ClassVar[Optional[str]] = None
@@ -104,6 +108,10 @@ class Algorithm:
   supports_block: ClassVar[bool] = False    # honours --sparsity_structure=block
   supports_pallas: ClassVar[bool] = False   # honours --matmul_impl=pallas (block masks)
   reads_sparse_layers: ClassVar[bool] = False   # honours --sparse_layers
+  # The metrics.jsonl keys this method emits beyond every method's: {key:
+  # metrics_reference.MetricField (a new documented row) or None (an existing row of
+  # metrics_reference.FIELDS that it also emits)}. BUILD.md's reference table reads them.
+  metric_fields: ClassVar[Dict[str, Any]] = {}
   # Why the schedule depends on the total round count (so --rounds cannot change on resume);
   # None when it does not.
   rounds_fixed_reason: ClassVar[Optional[str]] = None

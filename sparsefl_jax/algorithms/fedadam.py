@@ -13,3 +13,4 @@ class FedAdam(FedAvg):
   default_server_optimizer: str = "adam"
 
   name = "fedadam"
+  description = "FedAdam: FedAvg clients, Adam on the server's pseudo-gradient"

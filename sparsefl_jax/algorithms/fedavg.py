@@ -10,3 +10,4 @@ from sparsefl_jax.algorithms.base import Algorithm
 @dataclasses.dataclass(frozen=True)
 class FedAvg(Algorithm):
   name = "fedavg"
+  description = "FedAvg: example-weighted mean of the client models"

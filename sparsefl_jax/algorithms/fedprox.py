@@ -12,6 +12,7 @@ class FedProx(FedAvg):
   mu: float = 0.01
 
   name = "fedprox"
+  description = "FedProx: FedAvg + proximal term (prox_mu/2)|w - w_t|^2 in local training"
 
   def __post_init__(self):
     super().__post_init__()

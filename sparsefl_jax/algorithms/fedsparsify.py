@@ -138,6 +138,7 @@ class _MaskedTraining(Algorithm):
 class FedSparsifyGlobal(_MaskedTraining):
   """FedAvg of masked local models, then the server prunes the average to s_t."""
   name = "fedsparsify_global"
+  description = "FedSparsify-Global: the server prunes the average progressively"
 
   def server_post(self, params: Params, algo_state: SparsifyState, t: Scalar
                   ) -> tuple[Params, SparsifyState]:
@@ -163,6 +164,7 @@ class FedSparsifyLocal(_MaskedTraining):
   vote_threshold: int = -1
 
   name = "fedsparsify_local"
+  description = "FedSparsify-Local: clients prune, the server merges by majority vote"
 
   def __post_init__(self):
     super().__post_init__()

@@ -37,6 +37,7 @@ class SparsyFed(TopK):
   cached_layers: Tuple[str, ...] = ()   # bound by setup(): layers with a first-batch threshold
 
   name = "sparsyfed"
+  description = "SparsyFed: Powerprop + activation pruning, global top-K before upload"
   needs_setup = True   # the weight layers (call order) and the cached ones come from setup()
 
   def __post_init__(self):

@@ -26,6 +26,7 @@ class TopK(Algorithm):
   block_size: int = 32
 
   name = "topk"
+  description = "Top-K: dense local training, global top-K of the weights before upload"
   sparse = supports_block = True
 
   def __post_init__(self):

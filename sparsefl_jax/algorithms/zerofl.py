@@ -54,6 +54,7 @@ class ZeroFL(Algorithm):
   layer_densities: Tuple[Tuple[str, float], ...] = ()   # bound by setup()
 
   name = "zerofl"
+  description = "ZeroFL: SWAT local training + top-(1-sparsity+mask_ratio) sparse upload"
   needs_setup = True   # the sparse layers and their densities depend on the call order
   sparse = supports_block = supports_pallas = reads_sparse_layers = True
   downlink_encoding = "dense"   # ZeroFL compresses the uplink only; the global model goes dense
@@ -192,6 +193,7 @@ class SwatFL(ZeroFL):
   strategy: str = "dense"
 
   name = "swat"
+  description = "SWAT-FL: top-K sparse weights/activations in local training, dense upload"
 
   @classmethod
   def from_config(cls, config) -> "SwatFL":
