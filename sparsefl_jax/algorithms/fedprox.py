@@ -4,11 +4,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax import traceable
 from sparsefl_jax.algorithms.fedavg import FedAvg
 
 
 @dataclasses.dataclass(frozen=True)
 class FedProx(FedAvg):
+  """FedAvg with the proximal term; `mu` may be a traced scalar (a vmapped sweep)."""
   mu: float = 0.01
 
   name = "fedprox"
@@ -16,8 +18,7 @@ class FedProx(FedAvg):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.mu < 0:
-      raise ValueError(f"prox_mu={self.mu} must be >= 0")
+    traceable.check_range("prox_mu", self.mu, 0)
 
   @classmethod
   def from_config(cls, config) -> "FedProx":

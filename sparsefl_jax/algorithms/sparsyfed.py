@@ -21,6 +21,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax import traceable
 from sparsefl_jax.algorithms.base import Algorithm
 from sparsefl_jax.algorithms.topk import TopK
 from sparsefl_jax.sparsity import powerprop, swat
@@ -29,6 +30,7 @@ from sparsefl_jax.tree_paths import layer_kernel, weight_layers
 
 @dataclasses.dataclass(frozen=True)
 class SparsyFed(TopK):
+  """Powerprop + activation pruning + top-K upload; `beta` and `sparsity` may be traced."""
   beta: float = 1.25
   spectral: bool = False
   act_threshold: str = "per_batch"
@@ -41,17 +43,16 @@ class SparsyFed(TopK):
   needs_setup = True   # the weight layers (call order) and the cached ones come from setup()
 
   def __post_init__(self):
+    if self.method == "top_k":   # the activation density is traced (it depends on w)
+      object.__setattr__(self, "method", "bisection")
     super().__post_init__()
-    if not self.beta >= 1.0:
-      raise ValueError(f"beta={self.beta} must be >= 1")
+    traceable.check_range("beta", self.beta, 1)
     if self.act_threshold not in powerprop.ACT_THRESHOLDS:
       raise ValueError(f"act_threshold={self.act_threshold!r} is not one of "
                        f"{list(powerprop.ACT_THRESHOLDS)}")
     if self.spectral_average not in powerprop.SPECTRAL_AVERAGES:
       raise ValueError(f"spectral_average={self.spectral_average!r} is not one of "
                        f"{list(powerprop.SPECTRAL_AVERAGES)}")
-    if self.method == "top_k":   # the activation density is traced (it depends on w)
-      object.__setattr__(self, "method", "bisection")
 
   @classmethod
   def from_config(cls, config) -> "SparsyFed":

@@ -11,6 +11,7 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax import traceable
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.sparsity import block, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
@@ -19,7 +20,11 @@ from sparsefl_jax.tree_paths import is_kernel
 
 @dataclasses.dataclass(frozen=True)
 class TopK(Algorithm):
-  """Global magnitude top-K of the kernels before upload; regrowth metrics per client."""
+  """Global magnitude top-K of the kernels before upload; regrowth metrics per client.
+
+  `sparsity` may be a traced scalar (a vmapped sweep) with method 'bisection' or 'sort';
+  'top_k' takes a static k and needs a concrete sparsity.
+  """
   sparsity: float = 0.95
   method: str = "bisection"
   structure: str = "unstructured"   # 'block': keep whole block_size² blocks of each kernel
@@ -31,8 +36,10 @@ class TopK(Algorithm):
 
   def __post_init__(self):
     super().__post_init__()
-    if not 0.0 <= self.sparsity < 1.0:
-      raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+    traceable.check_range("sparsity", self.sparsity, 0, 1, high_open=True)
+    if self.method == "top_k":
+      traceable.require_concrete("sparsity", self.sparsity, "topk_method='top_k' (lax.top_k "
+                                 "takes a static k)", "use topk_method='bisection' or 'sort'")
 
   @classmethod
   def from_config(cls, config) -> "TopK":

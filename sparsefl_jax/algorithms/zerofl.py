@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax import traceable
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.sparsity import swat, topk
 from sparsefl_jax.sparsity.metrics import global_mask_metrics, regrowth_metrics
@@ -40,6 +41,10 @@ class ZeroFL(Algorithm):
     topk_period: recompute SWAT's thresholds every N local steps (cached in between; the
       step-0 weight thresholds are computed once per round for all clients). 0 = SWAT's CIFAR
       setting: 10 for unstructured masks, 1 (exact every step) for block masks.
+
+  Traced values (a vmapped sweep): `mask_ratio` with method 'bisection' or 'sort'; `sparsity`
+  too with, in addition, distribution 'uniform' and structure 'unstructured' (ERK solves the
+  per-layer densities in Python; block SWAT takes lax.top_k's static k).
   """
   sparsity: float = 0.9
   mask_ratio: float = 0.0
@@ -62,11 +67,13 @@ class ZeroFL(Algorithm):
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
       raise ValueError(f"uplink={self.strategy!r} is not one of {list(STRATEGIES)}")
-    if not 0.0 <= self.sparsity < 1.0:
-      raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
-    if not 0.0 <= self.mask_ratio <= self.sparsity:
+    traceable.check_range("sparsity", self.sparsity, 0, 1, high_open=True)
+    if (not traceable.is_traced(self.mask_ratio, self.sparsity)
+        and not 0.0 <= self.mask_ratio <= self.sparsity):
       raise ValueError(f"mask_ratio={self.mask_ratio} must lie in [0, sparsity="
                        f"{self.sparsity}]")
+    traceable.check_range("mask_ratio", self.mask_ratio, 0)   # sparsity traced: the rest
+    self._check_traced()
     if self.topk_period < 0:
       raise ValueError(f"topk_period={self.topk_period} must be >= 0 (0 = SWAT's default)")
     if self.topk_period == 0:
@@ -80,6 +87,21 @@ class ZeroFL(Algorithm):
     object.__setattr__(self, "uplink", kind)
     super().__post_init__()
 
+  def _check_traced(self) -> None:
+    """One-line errors where a traced sparsity / mask_ratio meets a setting needing a number."""
+    if self.method == "top_k":
+      for name in ("sparsity", "mask_ratio"):
+        traceable.require_concrete(name, getattr(self, name), "topk_method='top_k' (lax.top_k "
+                                   "takes a static k)", "use topk_method='bisection' or 'sort'")
+    if self.distribution != "uniform":
+      traceable.require_concrete("sparsity", self.sparsity, f"sparsity_distribution="
+                                 f"{self.distribution!r} (per-layer densities are solved in "
+                                 "Python)", "use sparsity_distribution='uniform'")
+    if self.structure != "unstructured":
+      traceable.require_concrete("sparsity", self.sparsity, f"sparsity_structure="
+                                 f"{self.structure!r} (block SWAT takes lax.top_k's static k)",
+                                 "use sparsity_structure='unstructured'")
+
   @classmethod
   def from_config(cls, config) -> "ZeroFL":
     return cls(sparsity=config.sparsity, mask_ratio=config.mask_ratio, strategy=config.uplink,
@@ -90,7 +112,10 @@ class ZeroFL(Algorithm):
 
   def layer_upload_density(self, swat_density: float) -> float:
     """ρ_ℓ = 1 − sp_ℓ + r_mask for a layer trained at SWAT density d_ℓ = 1 − sp_ℓ (ERK gives
-    each layer its own sp_ℓ; uniform gives every layer 1 − sp + r_mask)."""
+    each layer its own sp_ℓ; uniform gives every layer 1 − sp + r_mask). A traced density or
+    r_mask gives a traced ρ_ℓ."""
+    if traceable.is_traced(swat_density, self.mask_ratio):
+      return jnp.minimum(1.0, swat_density + self.mask_ratio)
     return min(1.0, swat_density + self.mask_ratio)
 
   def setup(self, params, layer_order):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsefl_jax import traceable
 from sparsefl_jax.federated import fedopt
 
 CLIENT_LR_SCHEDULES = ("constant", "exponential")
@@ -21,6 +22,8 @@ class ClientLRSchedule:
   'constant': lr. 'exponential' (ZeroFL): lr_t = lr·exp((t/T)·ln(lr_end/lr)), which goes from
   lr towards lr_end over T rounds. ZeroFL's paper prints the ratio inverted, which would make
   the LR grow; this is the intended sign, as the SparsyFed authors' re-implementation has it.
+  `lr` and `lr_end` may be traced scalars (a vmapped sweep); `kind` and `total_rounds` are
+  static.
   """
   lr: float
   kind: str = "constant"
@@ -30,17 +33,20 @@ class ClientLRSchedule:
   def __post_init__(self):
     if self.kind not in CLIENT_LR_SCHEDULES:
       raise ValueError(f"client lr schedule {self.kind!r} is not one of {CLIENT_LR_SCHEDULES}")
-    if not self.lr > 0:
-      raise ValueError(f"lr={self.lr} must be > 0")
-    if self.kind == "exponential" and not (self.lr_end is not None and self.lr_end > 0):
-      raise ValueError(f"lr_end={self.lr_end} must be > 0 for the exponential schedule")
+    traceable.check_range("lr", self.lr, 0, low_open=True)
+    if self.kind == "exponential":
+      traceable.check_range("lr_end", self.lr_end, 0, low_open=True,
+                            suffix=" for the exponential schedule")
     if self.total_rounds < 1:
       raise ValueError(f"total_rounds={self.total_rounds} must be >= 1")
 
   def __call__(self, t: jax.Array) -> jax.Array:
     if self.kind == "constant":
       return jnp.asarray(self.lr, jnp.float32)
-    ratio = math.log(self.lr_end / self.lr)
+    if traceable.is_traced(self.lr, self.lr_end):   # float32 in the trace
+      ratio = jnp.log(jnp.asarray(self.lr_end, jnp.float32) / self.lr)
+    else:                                            # float64, as always (bit-identical)
+      ratio = math.log(self.lr_end / self.lr)
     return (self.lr * jnp.exp(jnp.asarray(t, jnp.float32) / self.total_rounds * ratio)
             ).astype(jnp.float32)
 

@@ -89,8 +89,9 @@ class PowerpropOp:
   """A `models.LinearOp`: Powerprop weights, and (optionally) SparsyFed's activation pruning.
 
   Attributes:
-    beta: the exponent β (≥ 1). When the model is applied with a 'powerprop' collection
-      holding a per-layer `beta`, that value is used instead (spectral-exponent variant).
+    beta: the exponent β (≥ 1; may be a traced scalar). When the model is applied with a
+      'powerprop' collection holding a per-layer `beta`, that value is used instead
+      (spectral-exponent variant).
     act_pruning: prune the saved input to density 1 − s_ℓ in the backward pass.
     method: exact threshold algorithm ('bisection' or 'sort': the density is traced).
     layers: module paths the op applies to (empty = every weight layer).

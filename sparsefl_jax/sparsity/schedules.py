@@ -16,8 +16,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax import traceable
+
 
 def _check_sparsity(name: str, value: float) -> None:
+  """[0, 1) for a concrete number; a traced scalar (a vmapped sweep) passes unchecked."""
+  if traceable.is_traced(value):
+    traceable.check_range(name, value)   # shape only
+    return
   if not isinstance(value, (int, float)) or math.isnan(value) or not (
       0.0 <= value < 1.0):
     raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
@@ -75,7 +81,8 @@ class PolynomialSchedule:
   last multiple of F is held.
 
   Attributes:
-    final_sparsity: s_T in [0, 1).
+    final_sparsity: s_T in [0, 1); may be a traced scalar (a vmapped sweep), like
+      initial_sparsity. The round counts and the exponent are static.
     total_rounds: T > start_round.
     initial_sparsity: s_0 in [0, 1).
     start_round: t_0 >= 0.

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax import traceable
 from sparsefl_jax.sparsity import topk
 from sparsefl_jax.tree_paths import module_path, nest_by_layer, weight_layers
 
@@ -204,9 +205,11 @@ def select_sparse_layers(layers: Dict[str, Tuple[int, ...]], spec: str) -> Tuple
 def layer_densities(params, sparsity: float, spec: str = "default",
                     distribution: str = "uniform", order: Sequence[str] = ()
                     ) -> Tuple[Tuple[str, float], ...]:
-  """((path, density), ...) for the sparse layers: SWAT-U (uniform) or SWAT-ERK."""
-  if not 0.0 <= sparsity < 1.0:
-    raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
+  """((path, density), ...) for the sparse layers: SWAT-U (uniform) or SWAT-ERK.
+
+  A traced sparsity (a vmapped sweep) gives traced uniform densities; ERK needs a number.
+  """
+  traceable.check_range("sparsity", sparsity, 0, 1, high_open=True)
   layers = weight_layers(params, order)
   chosen = select_sparse_layers(layers, spec)
   if distribution == "uniform":
@@ -214,6 +217,8 @@ def layer_densities(params, sparsity: float, spec: str = "default",
   if distribution != "erk":
     raise ValueError(f"sparsity_distribution={distribution!r} is not one of "
                      "['uniform', 'erk']")
+  traceable.require_concrete("sparsity", sparsity, "sparsity_distribution='erk' (per-layer "
+                             "densities are solved in Python)")
   from sparsefl_jax.sparsity import distributions  # local: set-up only
   shapes = {name: jnp.zeros(layers[name], jnp.float32) for name in chosen}
   sparsities = distributions.erk(shapes, sparsity, filter_fn=None)
