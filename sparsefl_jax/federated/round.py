@@ -35,7 +35,8 @@ RoundStep = Callable[[ServerState, ClientData, PRNGKey], Tuple[ServerState, Dict
 
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
-  """Static description of a round (hashable; changing it recompiles)."""
+  """Static description of a round (hashable unless its lr schedule holds traced values, as in
+  a vmapped sweep; changing it recompiles)."""
   num_clients: int
   clients_per_round: int
   local: client_lib.LocalConfig
