@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax import comm
-from sparsefl_jax.algorithms.base import Algorithm, Upload
+from sparsefl_jax.algorithms.base import Upload
+from sparsefl_jax.algorithms.masked import MaskedTraining
 from sparsefl_jax.config import ConfigError, ExperimentConfig
 from sparsefl_jax.sparsity import block
 from sparsefl_jax.sparsity import masks as masks_lib
@@ -62,7 +63,7 @@ def schedule_from_config(config: ExperimentConfig) -> PolynomialSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MaskedTraining(Algorithm):
+class _MaskedTraining(MaskedTraining):
   """Shared part: the global mask in the server state and masked local training.
 
   Attributes:
@@ -111,20 +112,6 @@ class _MaskedTraining(Algorithm):
   def init_state(self, params: Params) -> SparsifyState:
     mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
     return SparsifyState(mask, jnp.zeros((), jnp.float32))
-
-  def client_init(self, global_params: Params, algo_state: SparsifyState, t: Scalar,
-                  key: jax.Array) -> PyTree:
-    del global_params, t, key
-    return algo_state.mask
-
-  def transform_grads(self, grads: Params, params: Params, client_state: PyTree) -> Params:
-    del params
-    return masks_lib.apply_masks(grads, client_state)
-
-  def post_step(self, params: Params, opt_state: PyTree, client_state: PyTree
-                ) -> tuple[Params, PyTree, PyTree]:
-    # Masked gradients keep the fresh optimizer's momentum at 0 on pruned entries.
-    return masks_lib.apply_masks(params, client_state), opt_state, client_state
 
   def server_metrics(self, old_params: Params, new_params: Params, algo_state: SparsifyState
                      ) -> Dict[str, Any]:
