@@ -103,11 +103,12 @@ class _MaskedTraining(MaskedTraining):
     With structure='block' the kernels are pruned in whole blocks (block L2 norms, one
     threshold over all kernels, or per kernel with per_layer) and biases/BN stay dense.
     """
-    if self.structure == "block":
-      fn = block.layerwise_block_masks if self.per_layer else block.global_block_masks
-      return fn(params, 1.0 - sparsity, self.block_size, method=self.method)
-    return masks_lib.magnitude_masks(params, sparsity, per_layer=self.per_layer,
-                                     method=self.method)
+    return block.keep_masks(
+        params, 1.0 - sparsity, structure=self.structure, block_size=self.block_size,
+        per_layer=self.per_layer, method=self.method,
+        elementwise=lambda: masks_lib.magnitude_masks(params, sparsity,
+                                                      per_layer=self.per_layer,
+                                                      method=self.method))
 
   def init_state(self, params: Params) -> SparsifyState:
     mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)

@@ -48,11 +48,12 @@ class TopK(Algorithm):
 
   def upload_masks(self, local_params):
     """Keep-masks of the global top (1 − ŝ) of all kernels (elements or whole blocks)."""
-    if self.structure == "block":
-      return block.global_block_masks(local_params, 1.0 - self.sparsity, self.block_size,
-                                      filter_fn=is_kernel, method=self.method)
-    return topk.global_topk_masks(local_params, 1.0 - self.sparsity, filter_fn=is_kernel,
-                                  method=self.method)
+    density = 1.0 - self.sparsity
+    return block.keep_masks(
+        local_params, density, structure=self.structure, block_size=self.block_size,
+        per_layer=False, method=self.method,
+        elementwise=lambda: topk.global_topk_masks(local_params, density, filter_fn=is_kernel,
+                                                   method=self.method))
 
   def client_upload(self, global_params, local_params, client_state, t):
     del global_params, client_state, t

@@ -15,7 +15,7 @@ pruning.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +171,21 @@ def global_block_masks(tree: PyTree, density: Any, block_size: BlockShapeLike,
     bm = s >= thr
     out.append(expand_block_mask(bm, block_size, jnp.shape(x)) if expand else bm)
   return jax.tree.unflatten(treedef, out)
+
+
+def keep_masks(tree: PyTree, density: Any, *, structure: str, block_size: BlockShapeLike,
+               per_layer: bool, method: str, elementwise: Callable[[], PyTree]) -> PyTree:
+  """The one place a method's --sparsity_structure is decided.
+
+  'block': whole block_size² blocks of the kernels by block L2 norm, one top-K over all
+  kernels (or one per kernel with `per_layer`); biases and BatchNorm stay dense.
+  'unstructured': `elementwise()`, the method's own element-wise rule (Top-K keeps
+  ceil(d·N), FedSparsify prunes floor(s·N): the papers round differently).
+  """
+  if structure == 'block':
+    fn = layerwise_block_masks if per_layer else global_block_masks
+    return fn(tree, density, block_size, method=method)
+  if structure != 'unstructured':
+    raise ValueError(f"sparsity_structure={structure!r} is not one of "
+                     "['unstructured', 'block']")
+  return elementwise()
