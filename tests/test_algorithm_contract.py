@@ -217,14 +217,15 @@ class _StepSpy(FedAvg):
         jnp.float32), "spy_gsum": gsum}
 
 
-def _round_of(algorithm, exp, epochs):
+def _round_of(algorithm, exp, epochs, client_map="vmap"):
   from sparsefl_jax.data import preprocess
   from sparsefl_jax.federated import client as client_lib
   from sparsefl_jax.federated import round as round_lib
   from sparsefl_jax.federated.optimizers import ClientLRSchedule
   local = client_lib.LocalConfig(epochs, exp.config.batch_size, exp.dataset.max_examples)
   rcfg = round_lib.RoundConfig(num_clients=3, clients_per_round=3, local=local,
-                               lr_schedule=ClientLRSchedule(exp.config.lr))
+                               lr_schedule=ClientLRSchedule(exp.config.lr),
+                               client_map=client_map)
   return round_lib.jit_round_step(round_lib.build_round_step(
       algorithm, exp.model, preprocess.make_batch_fn(exp.dataset), rcfg, None), donate=False)
 
@@ -293,3 +294,36 @@ def test_init_from_data_gets_the_loss_on_one_drawn_client_batch(tmp_path, monkey
   first = np.asarray(jax.tree.leaves(params0)[i])
   np.testing.assert_allclose(got, np.where(g > np.median(g), first, 0), atol=1e-6)
   assert 0.4 < np.mean(got == 0) < 0.6
+
+
+@_dc.dataclass(frozen=True)
+class _ScoreUpload(FedAvg):
+  """Uploads |w| of every kernel as extras (like PruneFL's importance scores) and keeps the
+  server-side sum of the scores' example-weighted mean as its aggregate (a stats test)."""
+  name = "score_upload"
+
+  def client_upload(self, global_params, local_params, client_state, t):
+    up = super().client_upload(global_params, local_params, client_state, t)
+    return up._replace(extras=jax.tree.map(jnp.abs, local_params))
+
+  def upload_stats(self, upload):
+    return (upload.values, upload.extras), ()
+
+  def finalize_aggregate(self, global_params, mean, counts, num_clients, algo_state, t):
+    values, scores = mean
+    return jax.tree.map(lambda v, s: v + 0.0 * s, values, scores)
+
+
+def test_upload_extras_are_charged_and_reach_the_aggregate(tmp_path):
+  exp = train.build_experiment(ExperimentConfig(**SMALL, workdir=str(tmp_path)))
+  ref, plain = _round_of(FedAvg().bind(), exp, epochs=1)(exp.init_state, exp.client_data,
+                                                         exp.train_key)
+  assert not jax.tree.leaves(exp.init_state.model_state)   # no BN: bytes = the values'
+  for client_map in ("vmap", "map"):   # stacked and streamed aggregate
+    state, got = _round_of(_ScoreUpload().bind(), exp, 1, client_map)(
+        exp.init_state, exp.client_data, exp.train_key)
+    # Dense |w| scores cost exactly what the (dense) values cost: the bytes double.
+    np.testing.assert_array_equal(np.asarray(got["uplink_bytes_per_client"]),
+                                  2 * np.asarray(plain["uplink_bytes_per_client"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 jax.device_get(state.params), jax.device_get(ref.params))

@@ -55,10 +55,14 @@ class Upload(NamedTuple):
   alongside (1 bit per entry, e.g. FedSparsify-Local's local mask); None when none is sent.
   `mask_sent` (a bool scalar) says whether the mask goes on the wire this round (None =
   whenever there is one): a method that pruned nothing keeps it home and is not charged.
+  `extras` is any other method-defined payload (PruneFL's importance scores, counts): a
+  pytree of arrays, charged on the uplink like the values (same encoding) and read by the
+  method's `upload_stats`; None when nothing else is sent.
   """
   values: Params
   mask: Optional[PyTree] = None
   mask_sent: Optional[jax.Array] = None
+  extras: Optional[PyTree] = None
 
 
 @dataclasses.dataclass(frozen=True)

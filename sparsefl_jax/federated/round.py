@@ -263,11 +263,14 @@ def uplink_cost(upload: Upload, model_state: ModelState, encoding: str
                 ) -> Dict[str, jax.Array]:
   """Bytes, sent values and mask bits of one client's upload.
 
-  The upload's values and the client's BatchNorm statistics (averaged by the server like
-  weights, so they travel too) are each encoded per tensor with `encoding`; a mask costs 1 bit
-  per entry (whole bytes per tensor), and only in rounds where the method sends it.
+  The upload's values, the client's BatchNorm statistics (averaged by the server like
+  weights, so they travel too) and the method's `extras` are each encoded per tensor with
+  `encoding`; a mask costs 1 bit per entry (whole bytes per tensor), and only in rounds where
+  the method sends it.
   """
   sent_values = (upload.values, model_state)
+  if upload.extras is not None:   # a method's own payload travels like the values
+    sent_values = sent_values + (upload.extras,)
   cost = {"bytes": comm.tree_bytes(sent_values, encoding), "nnz": comm.tree_nnz(sent_values),
           "mask_bits": jnp.int32(0)}
   if upload.mask is not None:
