@@ -68,13 +68,24 @@ def test_layer_budgets_are_erk_and_the_initial_mask_keeps_the_largest_weights():
     assert np.asarray(state.mask[layer]["bias"]).all()
 
 
-def test_alpha_follows_the_cosine_decay():
+def test_alpha_follows_the_cosine_decay_on_the_codes_zero_based_round():
   algo = FedDST(alpha=0.3, t_end=40)
-  for t in (0, 1, 10, 20, 39, 40, 41, 80):
-    want = 0.15 * (1 + math.cos(math.pi * t / 40)) if t <= 40 else 0.0
+  for t in (1, 2, 11, 21, 40, 41, 42, 81):
+    s = t - 1
+    want = 0.15 * (1 + math.cos(math.pi * s / 40)) if s < 40 else 0.0
     np.testing.assert_allclose(float(algo.alpha_t(t)), want, atol=1e-7)
-  assert [bool(FedDST(readjust_every=3).is_readjust_round(t)) for t in range(1, 8)] == [
-      True, False, False, True, False, False, True]
+  assert float(algo.alpha_t(1)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("every,t_end,alpha,want", [
+    (3, 10, 0.1, [2, 5, 8]),                 # s = 1, 4, 7 (dst.py: (s - 1) % R == 0)
+    (1, 4, 0.1, [1, 2, 3, 4]),               # R = 1: every round while s < t_end
+    (15, 200, 0.01, [2]),
+    (3, 10, 0.0, []),                        # α = 0: never
+])
+def test_readjustment_rounds_follow_the_official_schedule(every, t_end, alpha, want):
+  algo = FedDST(readjust_every=every, t_end=t_end, alpha=alpha)
+  assert [t for t in range(1, 12) if bool(algo.is_readjust_round(t))] == want
 
 
 @pytest.mark.parametrize("alpha,keep,active", [(0.3, 20, 20), (0.5, 20, 14), (0.01, 40, 40),
@@ -96,6 +107,7 @@ def test_readjust_layer_matches_numpy(alpha, keep, active):
 
 def test_local_update_readjusts_only_at_the_first_step_of_the_last_epoch_of_its_rounds():
   algo = FedDST(sparsity=0.8, alpha=0.4, readjust_every=2, t_end=100, local_epochs=2)
+  assert [bool(algo.is_readjust_round(t)) for t in (2, 3, 4)] == [True, False, True]
   params = algo.init_params(PARAMS, None)
   mask = algo.init_state(params).mask
   grads = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape), jnp.float32), params)
@@ -107,11 +119,11 @@ def test_local_update_readjusts_only_at_the_first_step_of_the_last_epoch_of_its_
                                               jnp.int32(batch), jnp.int32(t)))
     return new_params, new_mask
 
-  for t, epoch, batch in [(2, 1, 0), (3, 0, 0), (3, 1, 1), (4, 0, 0)]:
+  for t, epoch, batch in [(3, 1, 0), (1, 1, 0), (4, 0, 0), (4, 1, 1), (2, 0, 0)]:
     _, same = mask_after(t, epoch, batch)
     jax.tree.map(np.testing.assert_array_equal, same, mask)
-  new_params, new = mask_after(3, 1, 0)
-  alpha = float(algo.alpha_t(3))
+  new_params, new = mask_after(4, 1, 0)
+  alpha = float(algo.alpha_t(4))
   counts = algo.layer_counts(params)
   for layer in ("conv", "fc"):
     want = np_readjust(params[layer]["kernel"], grads[layer]["kernel"],
@@ -124,31 +136,68 @@ def test_local_update_readjusts_only_at_the_first_step_of_the_last_epoch_of_its_
     assert not np.asarray(new_params[layer]["kernel"]).ravel()[~want].any()
 
 
-def test_aggregate_is_the_mask_count_mean_with_min_votes_and_a_layerwise_cut_back():
-  algo = FedDST(sparsity=0.5, min_votes=2)
-  rng = np.random.default_rng(3)
-  params = {"fc": {"kernel": jnp.zeros((6, 4)), "bias": jnp.zeros((4,))}}
-  k = 3
-  masks = rng.random((k, 6, 4)) < 0.5
-  vals = np.where(masks, rng.normal(size=(k, 6, 4)), 0).astype(np.float32)
-  bias = rng.normal(size=(k, 4)).astype(np.float32)
-  n = np.asarray([3.0, 1.0, 2.0], np.float32)
-  uploads = Upload({"fc": {"kernel": jnp.asarray(vals), "bias": jnp.asarray(bias)}},
-                   {"fc": {"kernel": jnp.asarray(masks), "bias": jnp.ones((k, 4), bool)}})
-  got = algo.aggregate(params, uploads, jnp.asarray(n), algo.init_state(params), 1)
-  held = np.tensordot(n, masks.astype(np.float32), 1)
-  mean = np.where(held > 0, np.tensordot(n, vals, 1) / np.where(held > 0, held, 1), 0)
-  votes = masks.sum(0)
-  kept = np.where(votes >= 2, mean, 0)
-  budget = algo.layer_counts(params)["fc"]["kernel"]
-  if (kept != 0).sum() > budget:            # denser than S: cut back by magnitude
-    order = np.argsort(-np.abs(kept).ravel(), kind="stable")[:budget]
-    cut = np.zeros(kept.size, bool)
+def np_aggregate(vals, masks, n, min_votes, budget):
+  """numpy reference: mean over the holders (n-weighted), votes >= max(1, min_votes), then
+  the largest |mean| down to `budget` when more survive."""
+  held = np.tensordot(n, masks.astype(np.float64), 1)
+  mean = np.where(held > 0, np.tensordot(n, vals.astype(np.float64), 1)
+                  / np.where(held > 0, held, 1), 0)
+  survive = masks.sum(0) >= max(1, min_votes)
+  if survive.sum() > budget:
+    order = np.argsort(-np.abs(np.where(survive, mean, 0)).ravel(), kind="stable")[:budget]
+    cut = np.zeros(mean.size, bool)
     cut[order] = True
-    kept = np.where(cut.reshape(kept.shape) & (votes >= 2), kept, 0)
-  np.testing.assert_allclose(np.asarray(got["fc"]["kernel"]), kept, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(got["fc"]["bias"]), n @ bias / n.sum(), rtol=1e-6)
-  assert (np.asarray(got["fc"]["kernel"]) != 0).sum() <= budget
+    survive &= cut.reshape(mean.shape)
+  return np.where(survive, mean, 0)
+
+
+@pytest.mark.parametrize("min_votes,density,cut", [
+    (0, (0.4, 0.4), True), (2, (0.7, 0.7), True), (3, (0.3, 0.3), False),
+    (2, (0.15, 0.15), False),
+    (0, (0.9, 0.2), True)])           # denser than S overall, but layer b under its k_l
+def test_aggregate_is_the_mask_count_mean_with_min_votes_and_a_layerwise_cut_back(
+    min_votes, density, cut):
+  algo = FedDST(sparsity=0.5, min_votes=min_votes)
+  rng = np.random.default_rng(3)
+  params = {"a": {"kernel": jnp.zeros((6, 4)), "bias": jnp.zeros((4,))},
+            "b": {"kernel": jnp.zeros((4, 5)), "bias": jnp.zeros((5,))}}
+  counts = algo.layer_counts(params)
+  k = 3
+  n = np.asarray([3.0, 1.0, 2.0], np.float32)
+  masks = {l: rng.random((k, *params[l]["kernel"].shape)) < d
+           for l, d in zip(params, density)}
+  vals = {l: np.where(masks[l], rng.normal(size=masks[l].shape), 0).astype(np.float32)
+          for l in params}
+  bias = {l: rng.normal(size=(k, *params[l]["bias"].shape)).astype(np.float32)
+          for l in params}
+  survivors = sum(int((masks[l].sum(0) >= max(1, min_votes)).sum()) for l in params)
+  assert (survivors > sum(jax.tree.leaves(counts))) == cut     # the case under test
+  uploads = Upload({l: {"kernel": jnp.asarray(vals[l]), "bias": jnp.asarray(bias[l])}
+                    for l in params},
+                   {l: {"kernel": jnp.asarray(masks[l]), "bias": jnp.ones((k, *params[l][
+                       "bias"].shape), bool)} for l in params})
+  got = algo.aggregate(params, uploads, jnp.asarray(n), algo.init_state(params), 1)
+  for l in params:
+    budget = counts[l]["kernel"] if cut else masks[l][0].size
+    want = np_aggregate(vals[l], masks[l], n, min_votes, budget)
+    np.testing.assert_allclose(np.asarray(got[l]["kernel"]), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(got[l]["bias"]), n @ bias[l] / n.sum(), rtol=1e-6)
+    if cut:
+      assert (np.asarray(got[l]["kernel"]) != 0).sum() <= counts[l]["kernel"]
+  if density == (0.9, 0.2):
+    assert 0 < (np.asarray(got["b"]["kernel"]) != 0).sum() < counts["b"]["kernel"]
+
+
+def test_server_optimizer_is_projected_back_to_the_budget():
+  algo = FedDST(sparsity=0.8)
+  dense = jax.tree.map(lambda p: p + 1.0, PARAMS)     # e.g. momentum moved pruned weights
+  new, state = algo.server_post(dense, algo.init_state(algo.init_params(PARAMS, None)), 2)
+  counts = algo.layer_counts(PARAMS)
+  for l in ("conv", "fc"):
+    assert int(np.sum(np.asarray(new[l]["kernel"]) != 0)) == counts[l]["kernel"]
+    np.testing.assert_array_equal(np.asarray(state.mask[l]["kernel"]),
+                                  np.asarray(new[l]["kernel"]) != 0)
+    np.testing.assert_array_equal(np.asarray(new[l]["bias"]), np.asarray(dense[l]["bias"]))
 
 
 def dst_method():
@@ -195,17 +244,23 @@ def test_library_run_keeps_the_budget_and_readjusts_in_its_rounds(tmp_path):
   cfg = ExperimentConfig(**SMALL, workdir=str(tmp_path / "a"))
   exp = train.build_experiment(cfg)
   budget = sum(jax.tree.leaves(exp.algorithm.layer_counts(exp.init_state.params)))
-  state, masks = exp.init_state, []
-  for _ in range(4):
-    state, m = exp.round_step(state, exp.client_data, exp.train_key)
-    kernel_masks = [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(
+
+  def kernel_masks(state):
+    return [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(
         jax.device_get(state.algo_state.mask))[0] if p[-1].key == "kernel"]
-    assert sum(int(k.sum()) for k in kernel_masks) <= budget
-    masks.append(kernel_masks)
-    # The mask goes up only in readjustment rounds (1 and 3).
-    assert m["uplink_mask_bits_per_client"].sum() > 0 if int(state.round) in (1, 3) else \
-        m["uplink_mask_bits_per_client"].sum() == 0
-  assert any(not np.array_equal(a, b) for a, b in zip(masks[1], masks[2]))  # round 3 moved
+
+  state = exp.init_state
+  masks = [kernel_masks(state)]
+  assert sum(int(k.sum()) for k in masks[0]) == budget
+  for t in range(1, 5):
+    state, m = exp.round_step(state, exp.client_data, exp.train_key)
+    masks.append(kernel_masks(state))
+    assert sum(int(k.sum()) for k in masks[-1]) == budget          # density stays S
+    readjust = t in (2, 4)               # s = t - 1 with (s - 1) % 2 == 0
+    moved = any(not np.array_equal(a, b) for a, b in zip(masks[-2], masks[-1]))
+    assert moved == readjust, t
+    # The mask goes up only in readjustment rounds.
+    assert (m["uplink_mask_bits_per_client"].sum() > 0) == readjust, t
   train.run(cfg)
   train.run(cfg.replace(workdir=str(tmp_path / "b")))
   rows = [[{k: v for k, v in json.loads(l).items() if k != "seconds"}
@@ -215,7 +270,8 @@ def test_library_run_keeps_the_budget_and_readjusts_in_its_rounds(tmp_path):
 
 def test_launch_script_takes_the_declared_flags(tmp_path):
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--algorithm=feddst",
+      [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
+       "--algorithm=sparsefl_jax.algorithms.feddst:FedDST",
        "--sparsity=0.8", "--feddst_alpha=0.2", "--feddst_readjust_every=1",
        "--dataset=synthetic", "--model=small_cnn", "--synthetic_shape=8,8,1",
        "--synthetic_examples=16", "--synthetic_test=16", "--batch_size=8", "--num_clients=3",

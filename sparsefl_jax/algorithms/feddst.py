@@ -1,34 +1,46 @@
 """FedDST (Bibikar, Vikalo, Wang and Chen, "Federated Dynamic Sparse Training: Computing
 Less, Communicating Less, Yet Learning Better", AAAI 2022).
 
-The model keeps a fixed sparsity S (= --sparsity) over the conv/dense kernels, spread over
-the layers by Erdős–Rényi-Kernel densities d_l (`sparsity.distributions.erk`, the same ERK as
-SWAT-ERK); layer l holds k_l = ceil(d_l·n_l) weights. Biases and BatchNorm are never pruned.
+The model keeps a fixed sparsity S (= --sparsity) over the conv/dense kernels (every leaf
+`tree_paths.is_kernel` accepts; the official code masks the `weight` of every conv/linear
+layer, first and last included), spread over the layers by Erdős–Rényi-Kernel densities d_l
+(`sparsity.distributions.erk`, the same ERK as SWAT-ERK); layer l holds k_l = ceil(d_l·n_l)
+weights. Biases and BatchNorm are never pruned.
 
-* Initial mask: the k_l largest |w| of each initialised kernel (the official code prunes the
-  random initialisation by magnitude, layer-wise).
+* Initial mask: the k_l largest |w| of each initialised kernel. The official code prunes the
+  random initialisation by magnitude, layer-wise, so the mask is as random as the init and
+  needs no key of its own (`init_params`, deterministic in the model's init seed).
 * Local training inside the client's mask (`MaskedTraining`).
-* Readjustment, in rounds t with (t − 1) mod R_adj = 0, at the first step of the last local
-  epoch (`local_update`, on that step's gradients): each layer keeps the
-  floor((1 − α_t)·k_l) largest |w| of its active weights (global sparsity S + (1 − S)·α_t),
-  then regrows the largest |g| among its inactive positions back to k_l; regrown weights
-  start at 0 and train for the rest of the epoch. α_t = (α/2)(1 + cos(π·t / t_end)), t_end =
-  --feddst_t_end (0: rounds // 2, the official default), α_t = 0 after t_end.
-* Upload: the masked weights and, in readjustment rounds, the client's mask (1 bit/entry).
+* Readjustment rounds follow the official code's 0-based round index s = t − 1: rounds with
+  (s − 1) mod R_adj = 0 and α_s > 0, i.e. t = 2, 2 + R_adj, ... up to t_end (with R_adj = 1,
+  every round). α_s = (α/2)(1 + cos(π·s / t_end)) for s < t_end, 0 after (the code's `_decay`);
+  t_end = --feddst_t_end (0: rounds // 2, the official default).
+* Readjustment happens at the first step of the last local epoch (`local_update`, on that
+  step's gradients): each layer keeps the floor((1 − α_s)·k_l) largest |w| of its active
+  weights (global sparsity S + (1 − S)·α_s), then regrows the largest |g| among its inactive
+  positions back to k_l; regrown weights start at 0 (as in the code) and train for the rest
+  of the epoch.
+* Upload: the masked weights and, in readjustment rounds only, the client's mask (1 bit per
+  entry; the code charges the mask only when it readjusts).
 * Server: each weight is the example-weighted mean over the clients whose mask holds it,
-  Σ n_k m_k w_k / Σ n_k m_k; it survives where at least max(1, min_votes) clients hold it.
-  If the kernels end denser than S, each layer holding more than k_l weights is cut back to
-  its k_l largest |w|. The non-zero pattern of the result is the new global mask.
+  Σ n_k m_k w_k / Σ n_k m_k (the code weights by training-set size too); it survives where
+  at least max(1, min_votes) clients hold it. If the kernels end denser than S, each layer
+  holding more than k_l weights is cut back to its k_l largest |w| (the code's layer-wise
+  magnitude re-prune). The non-zero pattern of the result is the new global mask (the code's
+  mask is the vote pattern; the two differ only where a mean is exactly 0). `server_post`
+  cuts back again, so a server optimizer cannot grow the model past S either.
 
 Where this departs from the official code (github.com/bibikar/feddst, dst.py/models.py),
-for reasons given: the code readjusts after the last local epoch with the gradient at the
-final weights; here it happens at the start of the last epoch, a step shared by all clients
-(so `lax.cond` stays a cond and padding cannot change it), and the regrown weights train for
-that epoch. The code's prune amount uses the undecayed α (its cosine decay only switches
-readjustment off when it reaches 0) and multiplies α in twice; here α_t follows the paper.
-The code counts min_votes in examples (n_k-weighted votes); here in clients. The code's
-regrowth ranks all positions (active ones included) and zeroes them; here only inactive
-positions regrow.
+for reasons given: the code readjusts after the last local epoch with the gradient of the
+last batch at the final weights; no step shared by all clients has that gradient (clients'
+last real batches differ, and padded steps are discarded), so here it happens at the start
+of the last epoch, a step every client trains (`lax.cond` stays a cond), and the regrown
+weights train for that epoch instead of being uploaded as zeros. The code's prune amount
+uses the undecayed α (its decay only decides whether to readjust) and multiplies α in twice;
+here the prune fraction is α_s, as in the paper. The code counts min_votes in examples
+(n_k-weighted votes, strictly more than min_votes); here in clients, at least min_votes.
+The code's regrowth ranks all positions (active ones included) and zeroes them; here only
+inactive positions regrow, so every layer ends with exactly k_l weights.
 """
 import dataclasses
 import math
@@ -83,8 +95,8 @@ class FedDST(MaskedTraining):
   Attributes:
     sparsity: S, the kernels' sparsity (ERK over layers).
     alpha: α, the initial readjustment fraction (cosine-decayed to 0 at t_end).
-    readjust_every: R_adj; readjustment rounds are t = 1, 1 + R_adj, 1 + 2·R_adj, ...
-    t_end: the round α_t reaches 0.
+    readjust_every: R_adj; readjustment rounds are t = 2, 2 + R_adj, ... while t ≤ t_end.
+    t_end: the round after which α_s is 0 and readjustment stops.
     min_votes: a weight needs at least max(1, min_votes) clients holding it.
   """
   sparsity: float = 0.8
@@ -102,9 +114,9 @@ class FedDST(MaskedTraining):
       Hyper("feddst_alpha", 0.01, "FedDST: initial readjustment fraction α (cosine-decayed "
             "to 0 at feddst_t_end).", low=0.0, high=1.0),
       Hyper("feddst_readjust_every", 15, "FedDST: R_adj, rounds between mask readjustments "
-            "(rounds 1, 1+R_adj, ...).", low=1),
-      Hyper("feddst_t_end", 0, "FedDST: round where α_t reaches 0; 0 = rounds // 2 (the "
-            "official default).", low=0),
+            "(rounds 2, 2+R_adj, ... up to feddst_t_end, as in the official code).", low=1),
+      Hyper("feddst_t_end", 0, "FedDST: last round that readjusts (α decays to 0 there); "
+            "0 = rounds // 2 (the official default).", low=0),
       Hyper("feddst_min_votes", 0, "FedDST: a weight survives aggregation where at least "
             "max(1, this many) sampled clients hold it.", low=0),
   )
@@ -114,6 +126,9 @@ class FedDST(MaskedTraining):
     super().__post_init__()
     check_range("sparsity", self.sparsity, 0, 1, high_open=True)
     check_range("feddst_alpha", self.alpha, 0, 1)
+    check_range("feddst_readjust_every", self.readjust_every, 1)
+    check_range("feddst_t_end", self.t_end, 1)
+    check_range("feddst_min_votes", self.min_votes, 0)
 
   @classmethod
   def from_config(cls, config) -> "FedDST":
@@ -141,13 +156,16 @@ class FedDST(MaskedTraining):
                         is_leaf=lambda v: v is None)
 
   def alpha_t(self, t: Scalar) -> jax.Array:
-    """α_t = (α/2)(1 + cos(π·t / t_end)) for t ≤ t_end, 0 after."""
-    t = jnp.asarray(t, jnp.float32)
-    decayed = 0.5 * self.alpha * (1.0 + jnp.cos(jnp.pi * t / self.t_end))
-    return jnp.where(t <= self.t_end, decayed, 0.0)
+    """The readjustment fraction of 1-based round t: with the code's 0-based s = t − 1,
+    α_s = (α/2)(1 + cos(π·s / t_end)) for s < t_end, 0 after (paper eq. for α_t)."""
+    s = jnp.asarray(t, jnp.float32) - 1.0
+    decayed = 0.5 * self.alpha * (1.0 + jnp.cos(jnp.pi * s / self.t_end))
+    return jnp.where(s < self.t_end, decayed, 0.0)
 
   def is_readjust_round(self, t: Scalar) -> jax.Array:
-    return (jnp.asarray(t) - 1) % self.readjust_every == 0
+    """Whether clients readjust in round t: (s − 1) mod R_adj = 0 and α_s > 0 (s = t − 1)."""
+    s = jnp.asarray(t, jnp.int32) - 1
+    return ((s - 1) % self.readjust_every == 0) & (self.alpha_t(t) > 0)
 
   # ---- server ------------------------------------------------------------------------------
   def init_params(self, params: Params, key) -> Params:
@@ -181,15 +199,16 @@ class FedDST(MaskedTraining):
         jax.tree.leaves(counts, is_leaf=lambda v: v is None), jax.tree.leaves(survive))
         if k is not None)
     budget = sum(jax.tree.leaves(counts))
-    cut = self.magnitude_mask(params, survive)
-    return jax.tree.map(lambda s, c: jnp.where(kernel_nnz > budget, c, s), survive, cut)
+    # The server's count is unbatched: a real cond, so rounds within budget skip the sorts.
+    return jax.lax.cond(kernel_nnz > budget, lambda: self.magnitude_mask(params, survive),
+                        lambda: survive)
 
   def server_post(self, params: Params, algo_state: FedDSTState, t: Scalar
                   ) -> tuple[Params, FedDSTState]:
     del algo_state, t
-    # The aggregate's zeros are the new global mask (a server optimizer, if any, is projected
-    # back onto the kernels' pattern it received).
-    mask = _kernel_mask(params)
+    # The aggregate's non-zeros are the new global mask. Without a server optimizer the cut
+    # back is a no-op (finalize_aggregate did it); with one, it projects the step back to S.
+    mask = self.cut_back(params, _kernel_mask(params))
     return masks_lib.apply_masks(params, mask), FedDSTState(mask)
 
   def server_metrics(self, old_params: Params, new_params: Params, algo_state: FedDSTState
@@ -225,7 +244,6 @@ class FedDST(MaskedTraining):
     del global_params
     return Upload(masks_lib.apply_masks(local_params, client_state), client_state,
                   mask_sent=self.is_readjust_round(t))
-
 
 
 def _kernel_mask(params: Params) -> PyTree:
