@@ -217,7 +217,7 @@ def rounds_fixed_reason(cfg: ExperimentConfig) -> Optional[str]:
   if cfg.lr_schedule == "exponential" and not cfg.lr_horizon:
     return ("lr_schedule='exponential' decays the LR from --lr to --lr_end over exactly "
             "--rounds rounds (set --lr_horizon to decouple them)")
-  return algorithms.algorithm_class(cfg.algorithm).rounds_fixed_reason
+  return algorithms.algorithm_class(cfg.algorithm).rounds_fixed_for(cfg)
 
 
 def check_resume_config(cfg: ExperimentConfig, old: ExperimentConfig, path: str) -> None:

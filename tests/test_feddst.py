@@ -288,3 +288,17 @@ def test_launch_script_takes_the_declared_flags(tmp_path):
       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), capture_output=True,
       text=True, timeout=300)
   assert bad.returncode == 2 and "feddst_alpha=1.5 must lie in [0, 1]" in bad.stderr
+
+
+@pytest.mark.parametrize("t_end, refused", [(0, True), (4, False)])
+def test_rounds_are_fixed_on_resume_only_when_t_end_follows_them(tmp_path, t_end, refused):
+  from sparsefl_jax.config import ConfigError
+  cfg = ExperimentConfig(**{**SMALL, "rounds": 3, "checkpoint_every": 1,
+                            "method_args": {"feddst_t_end": t_end}},
+                         workdir=str(tmp_path / "r"))
+  train.run(cfg, max_rounds=2)
+  if refused:
+    with pytest.raises(ConfigError, match=r"rounds=5.*feddst_t_end=0"):
+      train.run(cfg.replace(rounds=5, resume=True))
+  else:
+    assert train.run(cfg.replace(rounds=5, resume=True))["round"] == 5

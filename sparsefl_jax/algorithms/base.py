@@ -119,6 +119,13 @@ class Algorithm:
   # Why the schedule depends on the total round count (so --rounds cannot change on resume);
   # None when it does not.
   rounds_fixed_reason: ClassVar[Optional[str]] = None
+
+  @classmethod
+  def rounds_fixed_for(cls, config) -> Optional[str]:
+    """`rounds_fixed_reason` for this run's settings (a method whose schedule depends on
+    --rounds only under some settings overrides this)."""
+    del config
+    return cls.rounds_fixed_reason
   # Hyperparameters the method declares (`algorithms.hyper.Hyper`), inherited by subclasses:
   # each is a --flag of run.py and a key of `ExperimentConfig.method_args`; `from_config`
   # reads them with `cls.hyper(config, name)`.

@@ -131,6 +131,13 @@ class FedDST(MaskedTraining):
     check_range("feddst_min_votes", self.min_votes, 0)
 
   @classmethod
+  def rounds_fixed_for(cls, config):
+    if cls.hyper(config, "feddst_t_end") == 0:
+      return ("FedDST's feddst_t_end=0 ends mask readjustment at round --rounds // 2 (set "
+              "--feddst_t_end to decouple them)")
+    return None
+
+  @classmethod
   def from_config(cls, config) -> "FedDST":
     t_end = cls.hyper(config, "feddst_t_end") or max(config.rounds // 2, 1)
     return cls(sparsity=config.sparsity, alpha=cls.hyper(config, "feddst_alpha"),
