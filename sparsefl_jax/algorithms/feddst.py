@@ -177,8 +177,7 @@ class FedDST(MaskedTraining):
   # ---- server ------------------------------------------------------------------------------
   def init_params(self, params: Params, key) -> Params:
     del key
-    everything = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
-    return masks_lib.apply_masks(params, self.magnitude_mask(params, everything))
+    return masks_lib.apply_masks(params, self.magnitude_mask(params, masks_lib.keep_all(params)))
 
   def init_state(self, params: Params) -> FedDSTState:
     # `params` went through init_params: the non-zero kernel entries are the initial mask.
@@ -240,11 +239,17 @@ class FedDST(MaskedTraining):
                    ) -> Tuple[Params, Params, PyTree, PyTree]:
     now = (self.is_readjust_round(step.round) & (step.epoch == self.local_epochs - 1)
            & (step.batch == 0))
-    mask = jax.lax.cond(now, lambda: self.readjusted_mask(params, grads, client_state,
-                                                          step.round),
-                        lambda: client_state)
-    return (masks_lib.apply_masks(grads, mask), masks_lib.apply_masks(params, mask),
-            opt_state, mask)
+    # Only a readjustment changes the mask; then the pruned weights are zeroed here (every
+    # other step, post_step has already kept the params inside the mask).
+    params, mask = jax.lax.cond(
+        now, lambda: self._readjust(params, grads, client_state, step.round),
+        lambda: (params, client_state))
+    return masks_lib.apply_masks(grads, mask), params, opt_state, mask
+
+  def _readjust(self, params: Params, grads: Params, mask: PyTree, t: Scalar
+                ) -> Tuple[Params, PyTree]:
+    new = self.readjusted_mask(params, grads, mask, t)
+    return masks_lib.apply_masks(params, new), new
 
   def client_upload(self, global_params: Params, local_params: Params, client_state: PyTree,
                     t: Scalar) -> Upload:

@@ -111,7 +111,7 @@ class _MaskedTraining(MaskedTraining):
                                                       method=self.method))
 
   def init_state(self, params: Params) -> SparsifyState:
-    mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
+    mask = masks_lib.keep_all(params)
     return SparsifyState(mask, jnp.zeros((), jnp.float32))
 
   def server_metrics(self, old_params: Params, new_params: Params, algo_state: SparsifyState

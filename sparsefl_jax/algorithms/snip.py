@@ -64,7 +64,7 @@ class SNIP(MaskedTraining):
     return cls(sparsity=config.sparsity, method=config.topk_method)
 
   def init_state(self, params: Params) -> SnipState:
-    return SnipState(jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params))
+    return SnipState(masks_lib.keep_all(params))
 
   def scores(self, params: Params, loss_fn) -> Params:
     """Connection sensitivity |∂L/∂w ⊙ w| of every kernel on the probe batch."""

@@ -55,6 +55,11 @@ def _ones_like_mask(x: Any) -> jax.Array:
   return jnp.ones(jnp.shape(x), jnp.bool_)
 
 
+def keep_all(tree: PyTree) -> PyTree:
+  """An all-True mask of every leaf (nothing pruned yet)."""
+  return jax.tree.map(_ones_like_mask, tree)
+
+
 def apply_masks(tree: PyTree, masks: PyTree) -> PyTree:
   """Zeroes the entries where the mask is False."""
   return jax.tree.map(
