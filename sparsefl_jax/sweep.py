@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsefl_jax import algorithms, data, guard, models, preflight, train
+from sparsefl_jax import algorithms, data, guard, models, preflight, traceable, train
 from sparsefl_jax.checkpoint import CheckpointError, Checkpointer
 from sparsefl_jax.config import ConfigError, ExperimentConfig, config_to_json
 from sparsefl_jax.data import partition as partition_lib
@@ -393,6 +393,7 @@ class SweepProgram:
     self.model = first.model
     self.batch_fn = _batch_fn(examples)
     self._steps: Dict[str, Callable] = {}
+    self.checked = False
     self.evaluate = jax.jit(self._evaluate)
     self.finite = jax.jit(jax.vmap(guard.finite_flags, in_axes=(STATE_AXES, 0)))
 
@@ -438,6 +439,22 @@ class SweepProgram:
     phase = (self.phases[t - 1] if t <= len(self.phases)
              else self.template[0].round_phase(t))   # --rounds grown on resume
     return self.step_for_phase(phase)
+
+  def check(self, sweep: "Sweep") -> None:
+    """Traces every phase's round and the evaluation once (no compilation), so a traced value
+    that reaches a place needing a Python number fails here, in one line."""
+    try:
+      for phase in sorted(set(self.phases)):
+        jax.eval_shape(self.step_for_phase(phase), sweep.init_state, sweep.data,
+                       sweep.train_keys, sweep.hp)
+      jax.eval_shape(self._evaluate, sweep.init_state, sweep.hp, *sweep.test_batches)
+    except (traceable.TracedValueError, jax.errors.ConcretizationTypeError,
+            jax.errors.TracerBoolConversionError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      names = ", ".join(_path_name(p) for p in self.paths)
+      raise ConfigError(f"sweep members differ in {names}, which cannot be traced here "
+                        f"({first}); sweep them in separate groups (--sweep_chunk=1 runs "
+                        "every member alone)") from None
 
   def _evaluate(self, state: ServerState, hp, xb, yb, wb):
     def one(params, model_state, algo_state, hp):
@@ -533,10 +550,14 @@ def materialize(members: Sequence[Member], program: SweepProgram, examples: Exam
                          jnp.asarray(np.stack([c for _, c in maps])))
   cfg = members[0].config
   test = evaluation.pad_eval_split(examples.test_x, examples.test_y, cfg.eval_batch_size)
-  return Sweep(list(members), program, sweep_data,
-               stack_states([m.init_state for m in members]),
-               jnp.asarray(np.stack([m.train_key for m in members])),
-               [jnp.asarray(v) for v in program.hyper_values(members)], test)
+  sweep = Sweep(list(members), program, sweep_data,
+                stack_states([m.init_state for m in members]),
+                jnp.asarray(np.stack([m.train_key for m in members])),
+                [jnp.asarray(v) for v in program.hyper_values(members)], test)
+  if not program.checked:
+    program.check(sweep)
+    program.checked = True
+  return sweep
 
 
 def apply_overrides(base: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
