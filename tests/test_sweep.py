@@ -146,3 +146,35 @@ def test_traced_paths_and_rebuild():
   assert sweep.rebuild(o1, paths, [0.7, 0.3]) == o2
   with pytest.raises(ConfigError, match=r"^sweep members differ in inner\.n=\[3, 4\]"):
     sweep.traced_paths([o1, Outer(Inner(0.5, 4), o1.pairs, "s")])
+
+
+def test_round_and_optimizer_checks_keep_their_messages_and_accept_tracers():
+  from sparsefl_jax.federated import client as client_lib
+  from sparsefl_jax.federated import fedopt, optimizers
+  from sparsefl_jax.federated.round import RoundConfig
+  kw = dict(num_clients=2, clients_per_round=1, local=client_lib.LocalConfig(1, 2, 2),
+            lr_schedule=optimizers.ClientLRSchedule(0.1))
+  with pytest.raises(ValueError, match=r"^momentum=1\.0 must lie in \[0, 1\)$"):
+    RoundConfig(**kw, momentum=1.0)
+  with pytest.raises(ValueError, match=r"^weight_decay=-1\.0 must be >= 0$"):
+    RoundConfig(**kw, weight_decay=-1.0)
+  with pytest.raises(ValueError, match=r"^server_lr=-1\.0 must be > 0$"):
+    optimizers.server_optimizer("sgd", -1.0)
+  with pytest.raises(ValueError, match=r"^server_eps=0\.0 must be > 0 \(it is τ\)$"):
+    fedopt.fedopt("adam", 0.1, tau=0.0)
+
+  def traced(m):   # a traced momentum / weight decay / server lr builds and steps
+    RoundConfig(**kw, momentum=m, weight_decay=m)
+    p = {"w": jax.numpy.ones(3)}
+    opt = optimizers.client_optimizer(0.1, m, m)
+    upd, _ = opt.update(p, opt.init(p), p)
+    sopt = optimizers.server_optimizer("adam", m + 0.1, m)
+    supd, _ = sopt.update(p, sopt.init(p), p)
+    return upd["w"][0] + supd["w"][0]
+  out = jax.vmap(traced)(jax.numpy.asarray([0.0, 0.5]))
+  # momentum 0 adds 0·trace: the same step as the concrete optimizer without a trace
+  p = {"w": jax.numpy.ones(3)}
+  ref = optimizers.client_optimizer(0.1, 0.0, 0.0)
+  ref_upd = ref.update(p, ref.init(p), p)[0]["w"][0]
+  sref = optimizers.server_optimizer("adam", 0.1, 0.0)
+  assert float(out[0]) == float(ref_upd + sref.update(p, sref.init(p), p)[0]["w"][0])
