@@ -153,6 +153,9 @@ def _is_float(v: Any) -> bool:
   return isinstance(v, (np.ndarray, jax.Array)) and jnp.issubdtype(v.dtype, jnp.floating)
 
 
+STATIC_NAMES = ("algorithm", "layer_op", "round", "server_optimizer")   # Member.static
+
+
 def _path_name(path: Tuple) -> str:
   return ".".join(str(p) for p in path)
 
@@ -451,7 +454,7 @@ class SweepProgram:
     except (traceable.TracedValueError, jax.errors.ConcretizationTypeError,
             jax.errors.TracerBoolConversionError) as e:
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      names = ", ".join(_path_name(p) for p in self.paths)
+      names = ", ".join(_path_name((STATIC_NAMES[p[0]],) + p[1:]) for p in self.paths)
       raise ConfigError(f"sweep members differ in {names}, which cannot be traced here "
                         f"({first}); sweep them in separate groups (--sweep_chunk=1 runs "
                         "every member alone)") from None
