@@ -17,16 +17,21 @@ through), as the official code's `z = Σ stop_grad(g) · ∇L` followed by `z.ba
 
 Sign check against released code (no discrepancy with the specification "keep the top
 (1 − s) of Hg ⊙ w, i.e. remove the largest −Hg ⊙ w"):
-  * the authors' code (github.com/alecwangcq/GraSP, pruner/GraSP.py) scores −θ ⊙ Hg and
-    removes the int(s·N) largest, keeping entries ≤ the last removed score;
+  * the authors' code (github.com/alecwangcq/GraSP, pruner/GraSP.py) scores −θ ⊙ Hg, takes
+    the int(s·N)-th largest as the threshold and keeps the entries ≤ it (the smallest −θ ⊙ Hg,
+    i.e. the largest θ ⊙ Hg);
   * FedDST's grasp.py (github.com/bibikar/feddst) calls Synaptic-Flow's GraSP pruner, which
-    scores θ ⊙ Hg and zeroes the entries ≤ its k-th smallest, i.e. keeps the largest;
+    scores θ ⊙ Hg and zeroes the entries ≤ its k-th smallest, i.e. keeps the largest. (Its
+    `sparsity` argument is Synaptic-Flow's kept fraction, while dst.py passes FedDST's pruned
+    fraction: `--sparsity 0.8 --grasp` keeps 80% of the weights. It scores the first client,
+    summing g and Hg over all of that client's batches.);
   * FedSparsify's TF baseline (github.com/dstripelis/FedSparsify, utils/model_purge.py,
     PurgeGrasp) scores Hg ⊙ θ and keeps entries ≥ the k-th largest, k = round((1 − s)·N),
     saying in a comment that this equals removing the top of −Hg ⊙ θ.
 `--grasp_score=magnitude` ranks |θ ⊙ Hg| instead (keep the weights whose removal would change
-the gradient norm most in either direction; the variant Lubana and Dick, ICLR 2021, argue
-preserves gradient flow better). It is offered because it is one line; it is not GraSP.
+the gradient norm most in either direction; a variant studied by Lubana and Dick, "A Gradient
+Flow Framework for Analyzing Network Pruning", ICLR 2021). It is offered because it is one
+line; it is not GraSP.
 
 Choices where the sources differ (this implementation, then the others):
   * Scope: g, Hg and the ranking cover the conv/dense kernels only (`tree_paths.is_kernel`),
@@ -35,7 +40,7 @@ Choices where the sources differ (this implementation, then the others):
     a kernel is H_kernels,kernels · g_kernels. FedSparsify's TF code puts every trainable
     variable (biases included) in g and in the ranking.
   * Temperature: the authors' and Synaptic-Flow's code divide the logits by T = 200 in both
-    passes; FedSparsify's TF baseline (the comparison this flagfile reproduces) and the
+    passes; FedSparsify's TF baseline (the comparison `grasp_fmnist.flags` runs) and the
     specification use none. Default T = 1; `--grasp_temperature=200` gives the official
     code's scores (the probe's `loss_fn(params, temperature=T)`).
   * Scoring data: one batch (--batch_size examples in random order) of one client, the
