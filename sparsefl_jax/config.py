@@ -122,6 +122,9 @@ class ExperimentConfig:
                           "first_batch_all = cached for every layer.",
                           ("per_batch", "first_batch", "first_batch_all"))
   mask_every: int = _f(0, "Save the packed global mask every N rounds (0 = never).")
+  mask_metrics: bool = _f(False, "Emit SparsyFed's mask metrics (per-client regrowth and "
+                         "deactivation, the global mask_iou and per-layer densities) for "
+                         "every method, not only the ones that report them anyway.")
   sparsity_structure: str = _f("unstructured", "Top-K mask structure.",
                                ("unstructured", "block"))
   block_size: int = _f(32, "Block edge for sparsity_structure=block.")

@@ -86,18 +86,22 @@ FIELDS: Dict[str, MetricField] = {
                                   scope="mean over clients"),
     "regrowth": MetricField(
         "Parameters that are zero in the global model a client received and non-zero in the "
-        "model it uploads (SparsyFed's regrowth), over all parameters.", "parameters",
+        "model it uploads (SparsyFed's regrowth), over all parameters. Every method emits it "
+        "under --mask_metrics.", "parameters",
         methods=REGROWTH_METHODS, scope="mean over clients"),
     "deactivation": MetricField(
-        "The reverse of regrowth: non-zero in the received model, zero in the uploaded one.",
+        "The reverse of regrowth: non-zero in the received model, zero in the uploaded one "
+        "(every method under --mask_metrics).",
         "parameters", methods=REGROWTH_METHODS, scope="mean over clients"),
     "mask_iou": MetricField(
         "IoU of the non-zero patterns of the previous and the new global model "
-        "(|a ∧ b| / |a ∨ b| over all parameters).", "fraction in [0, 1]",
+        "(|a ∧ b| / |a ∨ b| over all parameters); every method under --mask_metrics.",
+        "fraction in [0, 1]",
         methods=MASK_METHODS),
     "density/<layer>": MetricField(
         "Non-zero fraction of that conv/dense kernel in the new global model (one key per "
-        "weight layer; one TensorBoard group).", "fraction in [0, 1]", methods=MASK_METHODS),
+        "weight layer; one TensorBoard group); every method under --mask_metrics.",
+        "fraction in [0, 1]", methods=MASK_METHODS),
     "local_density": MetricField("Non-zero fraction of a client's pruned upload.",
                                  "fraction in [0, 1]", methods=("fedsparsify_local",),
                                  scope="mean over clients"),

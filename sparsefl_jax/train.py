@@ -175,7 +175,7 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       client_map=client_map_lib.resolve_client_map(cfg.client_map, params,
                                                    jax.default_backend()),
       client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding,
-      num_devices=cfg.num_devices)
+      num_devices=cfg.num_devices, mask_metrics=cfg.mask_metrics)
   mesh = round_lib.round_mesh(round_cfg)
   step = PhasedRoundStep(algorithm, lambda algo, rcfg: round_lib.jit_round_step(
       round_lib.build_round_step(algo, model, batch_fn, rcfg, server_opt)), round_cfg)

@@ -28,6 +28,7 @@ from sparsefl_jax.federated.client_map import map_clients, validate_client_map
 from sparsefl_jax.federated.optimizers import ClientLRSchedule, client_optimizer
 from sparsefl_jax.federated.sampling import sample_clients
 from sparsefl_jax.federated.state import ClientData, ServerState
+from sparsefl_jax.sparsity import metrics as sparse_metrics
 from sparsefl_jax.types import AlgoState, ModelState, Params, PRNGKey
 
 RoundStep = Callable[[ServerState, ClientData, PRNGKey], Tuple[ServerState, Dict[str, Any]]]
@@ -48,6 +49,7 @@ class RoundConfig:
   comm_encoding: str = "auto"
   num_devices: int = 1           # > 1: shard the clients over a mesh of that many devices
   stream_aggregate: bool = True  # 'map'/'chunked': accumulate Σ n_k·upload_k, never stack
+  mask_metrics: bool = False     # regrowth / mask_iou / densities for every method
 
   def __post_init__(self):
     if self.num_clients < 1:
@@ -189,6 +191,9 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
       upload = algorithm.client_upload(global_in, res.params, res.client_state, t)
       up = uplink_cost(upload, res.model_state, cfg.comm_encoding)
       cmetrics = algorithm.client_metrics(global_in, upload, res.client_state)
+      if cfg.mask_metrics and "regrowth" not in cmetrics:
+        cmetrics = {**cmetrics, **sparse_metrics.regrowth_metrics(
+            global_in, uploaded_model(algorithm, global_in, upload))}
       small = (res.loss_sum, res.num_trained, up, cmetrics)
       if stream:   # (example-weighted, counted) sums; the model state is example-weighted
         weighted, counted = algorithm.upload_stats(upload)
@@ -271,12 +276,21 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
         **{k: jnp.sum(v * weights) / jnp.sum(weights) for k, v in cmetrics.items()},
         **algorithm.server_metrics(state.params, params, algo_state),
     }
+    if cfg.mask_metrics and "mask_iou" not in metrics:
+      metrics.update(sparse_metrics.global_mask_metrics(state.params, params))
     new_state = ServerState(round=t, params=params, model_state=model_state,
                             opt_state=opt_state, algo_state=algo_state,
                             sampling_key=state.sampling_key)
     return new_state, metrics
 
   return round_step
+
+
+def uploaded_model(algorithm: Algorithm, global_params: Params, upload: Upload) -> Params:
+  """The model a client's upload describes: its values, or global + values for 'delta'."""
+  if algorithm.uplink == "delta":
+    return jax.tree.map(jnp.add, global_params, upload.values)
+  return upload.values
 
 
 def uplink_cost(upload: Upload, model_state: ModelState, encoding: str
