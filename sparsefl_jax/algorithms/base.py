@@ -205,8 +205,10 @@ class Algorithm:
 
     `loss_fn(params)` is the mean loss on one batch (--batch_size examples) of one client
     drawn from the init seed; differentiate it (jax.grad, Hessian-vector products) to score
-    weights. Returns the (masked) parameters and the server state. Called only when a method
-    overrides it, so other methods draw no batch.
+    weights. `loss_fn(params, temperature=T)` (T a Python float) divides the logits by T
+    before the cross-entropy (GraSP's official code uses T = 200). Returns the (masked)
+    parameters and the server state. Called only when a method overrides it, so other
+    methods draw no batch.
     """
     del loss_fn, key
     return params, algo_state

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsefl_jax import traceable
+
 KINDS = ("adagrad", "adam", "yogi")
 
 
@@ -46,10 +48,9 @@ def fedopt(kind: str, learning_rate: float, b1: float = 0.9, b2: float = 0.99,
   'adagrad'. See the module docstring for the formulas and the sign convention."""
   if kind not in KINDS:
     raise ValueError(f"fedopt kind {kind!r} is not one of {KINDS}")
-  if not learning_rate > 0:
-    raise ValueError(f"server_lr={learning_rate} must be > 0")
-  if not tau > 0:
-    raise ValueError(f"server_eps={tau} must be > 0 (it is τ)")
+  # learning_rate, b1, b2 and tau may be traced (a vmapped sweep): then unchecked here.
+  traceable.check_range("server_lr", learning_rate, 0, low_open=True)
+  traceable.check_range("server_eps", tau, 0, low_open=True, suffix=" (it is τ)")
   if initial_v < 0:
     raise ValueError(f"initial_v={initial_v} must be >= 0")
   second = _second_moment(kind, b2)

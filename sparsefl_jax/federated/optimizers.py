@@ -55,10 +55,16 @@ def client_optimizer(learning_rate: jax.Array, momentum: float = 0.0,
                      weight_decay: float = 0.0) -> optax.GradientTransformation:
   """SGD with optional momentum and (PyTorch-style, coupled) weight decay on every parameter."""
   parts = []
-  if weight_decay:
+  if traceable.is_traced(weight_decay) or weight_decay:   # traced: a sweep over it
     parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.sgd(learning_rate, momentum=momentum or None))
+  parts.append(optax.sgd(learning_rate, momentum=_momentum(momentum)))
   return optax.chain(*parts)
+
+
+def _momentum(momentum):
+  """optax's `momentum` argument: None for a concrete 0 (no trace), a traced value as is (a
+  sweep: a zero momentum then adds 0·trace, the same numbers)."""
+  return momentum if traceable.is_traced(momentum) else (momentum or None)
 
 
 def server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.0,
@@ -80,10 +86,9 @@ def server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.
     raise ValueError(f"server_opt_impl={impl!r} is not one of {SERVER_OPT_IMPLS}")
   if name == "none":
     return None
-  if not learning_rate > 0:
-    raise ValueError(f"server_lr={learning_rate} must be > 0")
+  traceable.check_range("server_lr", learning_rate, 0, low_open=True)   # may be traced
   if name == "sgd":
-    return optax.sgd(learning_rate, momentum=momentum or None)
+    return optax.sgd(learning_rate, momentum=_momentum(momentum))
   if impl == "reddi":
     return fedopt.fedopt(name, learning_rate, b1=b1, b2=b2, tau=eps)
   if name == "adam":

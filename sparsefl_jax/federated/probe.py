@@ -6,6 +6,8 @@ training and sampling seeds), takes `batch_size` of its examples in a random ord
 them, zero-padded, when it holds fewer), and hands the method's `init_from_data` hook a
 `loss_fn(params)`: the mean cross-entropy of the model on that batch in training mode
 (BatchNorm normalises with the batch's statistics, as a training step would).
+`loss_fn(params, temperature=T)` divides the logits by the Python float T first (GraSP's
+official code scores at T = 200); the default 1.0 leaves the loss exactly as above.
 """
 from typing import Tuple
 
@@ -49,10 +51,12 @@ def run_init_from_data(algorithm: Algorithm, model, batch_fn: BatchFn, data: Cli
     _, x_raw, y, weights = probe_batch(data, batch_size, batch_key)
     x = batch_fn(x_raw, batch_key, False)
 
-    def loss_fn(p: Params) -> jax.Array:
+    def loss_fn(p: Params, temperature: float = 1.0) -> jax.Array:
       logits, _, _ = Algorithm.apply_model(model, p, model_state, x, train=True,
                                            example_mask=weights > 0,
                                            rngs={"dropout": dropout_key})
+      if temperature != 1.0:   # static: T = 1 adds no operation (SNIP's loss is unchanged)
+        logits = logits / jnp.float32(temperature)
       return jnp.sum(cross_entropy(logits, y) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     return algorithm.init_from_data(params, algo_state, loss_fn, hook_key)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from sparsefl_jax import comm
+from sparsefl_jax import comm, traceable
 from sparsefl_jax.algorithms.base import Algorithm, Upload
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import sharding
@@ -57,10 +57,9 @@ class RoundConfig:
     if not 1 <= self.clients_per_round <= self.num_clients:
       raise ValueError(f"clients_per_round={self.clients_per_round} must lie in "
                        f"[1, num_clients={self.num_clients}]")
-    if not 0.0 <= self.momentum < 1.0:
-      raise ValueError(f"momentum={self.momentum} must lie in [0, 1)")
-    if self.weight_decay < 0:
-      raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+    # Traceable (a vmapped sweep): a concrete value is checked as always, a tracer passes.
+    traceable.check_range("momentum", self.momentum, 0, 1, high_open=True)
+    traceable.check_range("weight_decay", self.weight_decay, 0)
     validate_client_map(self.client_map, self.client_chunk_size)
     comm.check_encoding(self.comm_encoding)
     if self.num_devices < 1:
