@@ -28,8 +28,9 @@ g_j²/t_j > Δ(M)/T(M), so the greedy search below stops at the first weight tha
    the kernels' size (the code's `max_density`; see "--sparsity" below).
 
 **Where the squared gradients come from.** The readjustment rounds are the rounds t with
-(t − 1) > 0 and (t − 1) mod ΔR = 0 (the code's 0-based round index; ΔR = --prunefl_readjust_every,
-50 in the code and in FedSparsify's comparison): with ΔR = 50, rounds 51, 101, 151. In those
+(t − 1) > 0 and (t − 1) mod ΔR = 0 (the code's 0-based round index; ΔR =
+--prunefl_readjust_every, 50 in the code and in FedSparsify's comparison): with ΔR = 50,
+rounds 51, 101, 151. In those
 rounds each client sums g² over the real steps of its local training (`local_update`; the
 gradient is the dense one: pruned weights are 0 but their gradient is not) and uploads the sum
 for every parameter as `Upload.extras`, charged on the uplink like the values (dense float32:
@@ -38,8 +39,8 @@ them unweighted: a client with more data ran more steps already), averages the w
 FedAvg, and readjusts the mask from the aggregate's |w| and the summed g² (`finalize_state`,
 after aggregation, before the server optimizer) with d = d_0·0.5^((t − 1)/H) (the code's
 `MAX_DEC_DIFF · 0.5^(idx / ADJ_HALF_LIFE)`: d_0 = --prunefl_max_decrease = 0.3,
-H = --prunefl_half_life = 10000 rounds, as in the code's FEMNIST and CIFAR-10 configs). The clients train
-inside the new mask from the next round on. Rounds between readjustments are masked FedAvg;
+H = --prunefl_half_life = 10000 rounds, as in the code's FEMNIST and CIFAR-10 configs). The
+clients train inside the new mask from the next round on. Rounds between readjustments are masked FedAvg;
 they send no squared gradients (a round phase of their own, so they carry no accumulator).
 
 **Initial pruning** (`init_from_data`, before round 1): one client, drawn from the init seed
