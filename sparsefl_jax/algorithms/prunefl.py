@@ -40,8 +40,9 @@ FedAvg, and readjusts the mask from the aggregate's |w| and the summed g² (`fin
 after aggregation, before the server optimizer) with d = d_0·0.5^((t − 1)/H) (the code's
 `MAX_DEC_DIFF · 0.5^(idx / ADJ_HALF_LIFE)`: d_0 = --prunefl_max_decrease = 0.3,
 H = --prunefl_half_life = 10000 rounds, as in the code's FEMNIST and CIFAR-10 configs). The
-clients train inside the new mask from the next round on. Rounds between readjustments are masked FedAvg;
-they send no squared gradients (a round phase of their own, so they carry no accumulator).
+clients train inside the new mask from the next round on. Rounds between readjustments are
+masked FedAvg; they send no squared gradients (a round phase of their own, so they carry no
+accumulator).
 
 **Initial pruning** (`init_from_data`, before round 1): one client, drawn from the init seed
 (`federated.probe`: the client and its batch of --batch_size examples come from the init
