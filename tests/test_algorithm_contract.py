@@ -117,17 +117,17 @@ def test_method_in_a_user_file_runs_through_run_py(tmp_path):
 # ---- capabilities ---------------------------------------------------------------------------
 def test_capabilities_name_the_methods_the_old_lists_named():
   """The class attributes reproduce the name lists config.validate used to hard-code (plus
-  the methods added since: SNIP, FedDST, GraSP, Random and update Top-K sparsify,
-  unstructured only)."""
+  the methods added since: SNIP, FedDST, GraSP, Random, update Top-K, OneShot and PruneFL
+  sparsify, unstructured only)."""
   assert set(algorithms.with_capability("sparse")) == {
       "swat", "zerofl", "fedsparsify_global", "fedsparsify_local", "sparsyfed", "topk",
-      "snip", "feddst", "grasp", "random_prune", "topk_delta"}
+      "snip", "feddst", "grasp", "random_prune", "topk_delta", "oneshot", "prunefl"}
   assert set(algorithms.with_capability("supports_block")) == {
       "swat", "zerofl", "topk", "sparsyfed", "fedsparsify_global", "fedsparsify_local"}
   assert set(algorithms.with_capability("supports_pallas")) == {"swat", "zerofl"}
   assert set(algorithms.with_capability("reads_sparse_layers")) == {"swat", "zerofl"}
   assert set(algorithms.with_capability("rounds_fixed_reason")) == {
-      "fedsparsify_global", "fedsparsify_local", "random_prune"}
+      "fedsparsify_global", "fedsparsify_local", "random_prune", "oneshot"}
   assert set(algorithms.with_capability("needs_setup")) == {"swat", "zerofl", "sparsyfed"}
 
 

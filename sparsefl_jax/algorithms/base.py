@@ -15,6 +15,7 @@ The engine (`sparsefl_jax.federated.round`) calls the hooks in this order each r
           upload_stats(upload)                               -> additive (weighted, counted) sums
           client_metrics(global, upload, client_state)       -> per-client scalars (weighted mean)
   server: finalize_aggregate(global, mean, counts, K, ...)   -> candidate model
+          finalize_state(global, mean, counts, K, ...)       -> server state from the sums
           <server optax update towards the candidate>
           server_post(params, algo_state, t)                 -> e.g. pruning, new global masks
 
@@ -254,6 +255,26 @@ class Algorithm:
       return jax.tree.map(jnp.add, global_params, mean)
     return mean
 
+  def finalize_state(self, global_params: Params, mean: PyTree, counts: PyTree,
+                     num_clients: int, algo_state: AlgoState, t: Scalar) -> AlgoState:
+    """The server state after this round's summed upload statistics (default: unchanged).
+
+    Same arguments as `finalize_aggregate`, called right after it, before the server
+    optimizer; `server_post` then receives the state returned here. A method whose server
+    state depends on what the clients sent besides the model (PruneFL's new mask from the
+    summed squared gradients in `counts`) computes it here. A method overriding this must
+    not override `aggregate` (the engine needs the sums, not just the candidate).
+    """
+    del global_params, mean, counts, num_clients, t
+    return algo_state
+
+  def aggregate_stats(self, uploads: Upload, weights: jax.Array) -> Tuple[PyTree, PyTree]:
+    """(mean, counts) of the stacked uploads: Σ n_k·weighted_k / Σ n_k and Σ_k counted_k."""
+    weighted, counted = jax.vmap(self.upload_stats)(uploads)
+    mean = weighted_mean(weighted, weights)
+    counts = jax.tree.map(lambda c: jnp.sum(c, axis=0, dtype=sum_dtype(c.dtype)), counted)
+    return mean, counts
+
   def aggregate(self, global_params: Params, uploads: Upload, weights: jax.Array,
                 algo_state: AlgoState, t: Scalar) -> Params:
     """Combines the stacked uploads (leading client axis) into a candidate global model.
@@ -261,9 +282,7 @@ class Algorithm:
     Defined by `upload_stats` + `finalize_aggregate`; override those, not this. A method that
     overrides `aggregate` itself still runs, but its uploads are stacked (never streamed).
     """
-    weighted, counted = jax.vmap(self.upload_stats)(uploads)
-    mean = weighted_mean(weighted, weights)
-    counts = jax.tree.map(lambda c: jnp.sum(c, axis=0, dtype=sum_dtype(c.dtype)), counted)
+    mean, counts = self.aggregate_stats(uploads, weights)
     return self.finalize_aggregate(global_params, mean, counts, weights.shape[0], algo_state,
                                    t)
 

@@ -97,6 +97,11 @@ def streams_aggregate(algorithm: Algorithm) -> bool:
   return type(algorithm).aggregate is Algorithm.aggregate
 
 
+def overrides_finalize_state(algorithm: Algorithm) -> bool:
+  """Whether the method updates its server state from the round's summed statistics."""
+  return type(algorithm).finalize_state is not Algorithm.finalize_state
+
+
 def _weighted_sum(tree, w: jax.Array):
   """Σ_k w_k·x_k over the leading axis of every leaf (in `sum_dtype`)."""
   def one(x):
@@ -161,6 +166,11 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
   copied to every device each round.
   """
   algorithm.require_bound("build_round_step")   # unbound ZeroFL/SparsyFed: refuse, not guess
+  with_state = overrides_finalize_state(algorithm)
+  if with_state and type(algorithm).aggregate is not Algorithm.aggregate:
+    raise ValueError(f"{type(algorithm).__name__} overrides both `aggregate` and "
+                     "`finalize_state`; finalize_state needs the summed statistics: override "
+                     "`upload_stats` + `finalize_aggregate` instead of `aggregate`")
   k_real = cfg.clients_per_round
   k_pad = cfg.padded_clients
   stream = cfg.stream_aggregate and cfg.client_map != "vmap" and streams_aggregate(algorithm)
@@ -228,10 +238,20 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
       mean = jax.tree.map(lambda s: s / total.astype(s.dtype), value_sums)
       candidate = algorithm.finalize_aggregate(global_in, mean, counts, k_real,
                                                state.algo_state, t)
+      algo_state = algorithm.finalize_state(global_in, mean, counts, k_real,
+                                            state.algo_state, t)
       model_state = jax.tree.map(lambda s: s / total.astype(s.dtype), mstate_sums)
     else:
       uploads, mstates = jax.tree.map(lambda a: a[:k_real], big)
-      candidate = algorithm.aggregate(global_in, uploads, weights, state.algo_state, t)
+      if with_state:   # the sums feed the server state too (default aggregate, in two steps)
+        mean, counts = algorithm.aggregate_stats(uploads, weights)
+        candidate = algorithm.finalize_aggregate(global_in, mean, counts, k_real,
+                                                 state.algo_state, t)
+        algo_state = algorithm.finalize_state(global_in, mean, counts, k_real,
+                                              state.algo_state, t)
+      else:
+        candidate = algorithm.aggregate(global_in, uploads, weights, state.algo_state, t)
+        algo_state = state.algo_state
       model_state = weighted_mean(mstates, weights)
     if server_opt is None:
       params, opt_state = candidate, state.opt_state
@@ -239,7 +259,7 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
       pseudo_grad = jax.tree.map(jnp.subtract, state.params, candidate)
       updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-    params, algo_state = algorithm.server_post(params, state.algo_state, t)
+    params, algo_state = algorithm.server_post(params, algo_state, t)
 
     metrics = {
         "clients": ids,
