@@ -36,9 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 import run  # noqa: E402  (run.py: the base flags, their parsing and the one-line errors)
-from sparsefl_jax.config import ConfigError, ExperimentConfig  # noqa: E402
+from sparsefl_jax.config import SEED_FIELDS, ConfigError, ExperimentConfig  # noqa: E402
 
-SEED_FLAGS = ("seed", "data_seed", "init_seed", "sampling_seed")
 NOT_SWEPT = ("workdir", "resume", "flagfile")
 
 flags.DEFINE_multi_string("sweep", [], "A sweep axis FLAG=V1,V2,... (repeat for more axes).")
@@ -65,7 +64,7 @@ def parse_axes(specs: Sequence[str], flag_values=flags.FLAGS) -> List[Tuple[str,
                         "flag or declared hyperparameter")
     if name in [a for a, _ in axes]:
       raise ConfigError(f"--sweep names --{name} twice; give all its values in one --sweep")
-    if name in SEED_FLAGS and flag_values["seeds"].value > 1:
+    if name in SEED_FIELDS and flag_values["seeds"].value > 1:
       raise ConfigError(f"--sweep={spec!r} with --seeds={flag_values['seeds'].value}: --seeds "
                         "already offsets every seed flag; use one of them")
     parser = flag_values[name].parser
@@ -113,9 +112,8 @@ def member_configs(base: ExperimentConfig, overrides: Sequence[Dict[str, Any]], 
     name = sweep.member_name(ov)
     values = {k: v for k, v in ov.items() if k != "seed_offset"}
     offset = ov.get("seed_offset", 0)
-    values.update({f: getattr(base, f) + offset for f in SEED_FLAGS} if offset else {})
     values["workdir"] = os.path.join(root, name)
-    configs.append(sweep.apply_overrides(base, values))
+    configs.append(sweep.offset_seeds(sweep.apply_overrides(base, values), offset))
     names.append(name)
   return configs, names
 

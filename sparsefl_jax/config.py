@@ -24,6 +24,8 @@ MODELS = ("linear", "mlp_small", "fmnist_fc", "small_cnn", "leaf_cnn", "cifar_cn
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "emnist/byclass",
             "emnist/balanced", "speech_commands", "digits", "synthetic")
 PARTITIONS = ("iid", "lda", "dirichlet", "classes", "natural")
+# The four independent seeds (a sweep replica offsets them together).
+SEED_FIELDS = ("seed", "data_seed", "init_seed", "sampling_seed")
 SERVER_OPTIMIZERS = ("", "none", "sgd", "adam", "yogi", "adagrad")
 
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from sparsefl_jax import algorithms, data, guard, models, preflight, traceable, train
 from sparsefl_jax.checkpoint import CheckpointError, Checkpointer
-from sparsefl_jax.config import ConfigError, ExperimentConfig, config_to_json
+from sparsefl_jax.config import SEED_FIELDS, ConfigError, ExperimentConfig, config_to_json
 from sparsefl_jax.data import partition as partition_lib
 from sparsefl_jax.data import preprocess, sources
 from sparsefl_jax.federated import client as client_lib
@@ -62,7 +62,6 @@ from sparsefl_jax.stopping import RunInterrupted, StopRequest
 from sparsefl_jax.workdir import WorkdirLock
 from sparsefl_jax.writers import make_writer
 
-SEED_FIELDS = ("seed", "data_seed", "init_seed", "sampling_seed")
 # Settings that only change the per-member index maps (the examples are shared).
 PARTITION_FIELDS = ("partition", "alpha", "classes_per_client", "min_partition_size",
                     "val_fraction")
@@ -561,6 +560,11 @@ def materialize(members: Sequence[Member], program: SweepProgram, examples: Exam
     program.check(sweep)
     program.checked = True
   return sweep
+
+
+def offset_seeds(cfg: ExperimentConfig, offset: int) -> ExperimentConfig:
+  """`cfg` with `offset` added to all four seeds (a sweep's seed replica `offset`)."""
+  return cfg.replace(**{f: getattr(cfg, f) + offset for f in SEED_FIELDS}) if offset else cfg
 
 
 def apply_overrides(base: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:

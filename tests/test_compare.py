@@ -53,6 +53,22 @@ def test_summary_columns_from_rows():
     report.table("bogus", [])
 
 
+def test_seed_replicas_give_mean_and_std():
+  a = report.summary({"rows": _rows(), "config": {"rounds": 3}})
+  rows = [dict(r, test_accuracy=r["test_accuracy"] - 0.1) if "test_accuracy" in r else r
+          for r in _rows()]
+  b = report.summary({"rows": rows, "config": {"rounds": 3}})
+  s = report.over_seeds([a, b])
+  assert s["replicas"] == 2 and s["accuracy"] == pytest.approx(0.65)
+  assert s["accuracy_std"] == pytest.approx(0.1 / 2 ** 0.5)   # sample std of 0.7, 0.6
+  assert s["density_std"] == 0.0
+  fs = report.table("fedsparsify", [{"title": "X", "summary": s}])
+  assert "| 0.6500 ± 0.0707 |" in fs and "| 0.7500 ± 0.0000 |" in fs
+  assert report.over_seeds([a]) == a
+  assert compare.replica_dirs("/r/m", 1) == ["/r/m"]
+  assert compare.replica_dirs("/r/m", 2) == ["/r/m/seed_offset=0", "/r/m/seed_offset=1"]
+
+
 def test_member_commands_build_the_configs_run_py_would():
   cset = sets.SETS["fedsparsify"]
   ft = next(m for m in cset.members if m.label == "oneshot_ft")

@@ -43,6 +43,11 @@ flags.DEFINE_list("methods", [], "Member labels to run (default: all of the set)
 flags.DEFINE_list("groups", [], "Group labels to run (sparsyfed: alpha0.1, alpha1.0).")
 flags.DEFINE_multi_string("override", [], "A run.py flag appended to every member's command "
                           "(repeatable), e.g. --override=--local_epochs=1.")
+flags.DEFINE_integer("seeds", 1, "Seed replicas per method: replica s adds s to all four "
+                     "seeds. With N > 1 each method's replicas run together as one sweep "
+                     "(one jitted program, sparsefl_jax.sweep) in <method>/seed_offset=s, and "
+                     "the tables show mean ± std over the replicas.")
+flags.DEFINE_integer("sweep_chunk", 0, "Replicas run at once with --seeds > 1 (0 = all).")
 flags.DEFINE_bool("report_only", False, "Only rebuild the tables and plots from the runs.")
 FLAGS = flags.FLAGS
 
@@ -74,11 +79,28 @@ def config_for(argv: Sequence[str]):
   return run_script.config_from_flags(fv)
 
 
-def run_member(argv: Sequence[str]) -> None:
-  """One member, as `python experiments/run.py <argv>` would run it."""
-  from sparsefl_jax import train
+def replica_dirs(workdir: str, seeds: int) -> List[str]:
+  """The run folders of a member: itself, or one per seed replica (as sweep.py names them)."""
+  if seeds == 1:
+    return [workdir]
+  return [os.path.join(workdir, f"seed_offset={s}") for s in range(seeds)]
+
+
+def run_member(argv: Sequence[str], seeds: int = 1, chunk: int = 0) -> None:
+  """One member, as `python experiments/run.py <argv>` would run it; with seeds > 1, its seed
+  replicas as one sweep, as `python experiments/sweep.py <argv> --seeds=N` would."""
+  from sparsefl_jax import sweep, train
   cfg = config_for(argv)
-  train.run(cfg)
+  if seeds == 1:
+    train.run(cfg)
+    return
+  configs = [sweep.offset_seeds(cfg, s).replace(workdir=d)
+             for s, d in enumerate(replica_dirs(cfg.workdir, seeds))]
+  results = sweep.run_sweep(configs, chunk=chunk)
+  bad = [r for r in results if r.get("status") not in ("done", None)]
+  if bad:
+    raise RuntimeError("; ".join(f"{r['name']}: {r.get('status')} {r.get('message', '')}"
+                                 for r in bad))
 
 
 def main(argv) -> None:
@@ -89,6 +111,8 @@ def main(argv) -> None:
   rounds = FLAGS.rounds or cset.rounds
   if rounds < 2:
     _fail(f"--rounds={rounds} must be >= 2 (0 = the set's {cset.rounds})")
+  if FLAGS.seeds < 1 or FLAGS.sweep_chunk < 0:
+    _fail(f"--seeds={FLAGS.seeds} must be >= 1 and --sweep_chunk={FLAGS.sweep_chunk} >= 0")
   try:
     labels = _pick(FLAGS.methods, [m.label for m in cset.members], "methods")
     groups = _pick(FLAGS.groups, [g for g, _ in cset.groups], "groups")
@@ -114,25 +138,28 @@ def main(argv) -> None:
             flush=True)
       start = time.time()
       try:
-        run_member(margv)
+        run_member(margv, FLAGS.seeds, FLAGS.sweep_chunk)
       except Exception as e:   # noqa: BLE001  one member's failure must not lose the others
         failed[name] = " ".join(str(e).split())[:300] or type(e).__name__
         print(f"  failed: {failed[name]}", flush=True)
         continue
       print(f"  done in {time.time() - start:.0f} s", flush=True)
-  write_report(cset, plan, rounds, out, command, failed)
+  write_report(cset, plan, rounds, out, command, failed, FLAGS.seeds)
   if failed:
     _fail(f"{len(failed)} of {len(plan)} members failed: {', '.join(failed)}", code=1)
 
 
 def write_report(cset: sets.ComparisonSet, plan, rounds: int, out: str, command: str,
-                 failed: Dict[str, str]) -> None:
+                 failed: Dict[str, str], seeds: int = 1) -> None:
   """README.md, summary.json, the members' metrics and the plots in `out`."""
   os.makedirs(out, exist_ok=True)
   lines = [f"# {cset.title}", "",
            f"Produced by `{command}` on {datetime.date.today().isoformat()}, {rounds} rounds "
            "per method" + (f" ({cset.rounds_note})" if cset.rounds_note and rounds == cset.rounds
-                           else "") + ".",
+                           else "") + "." + (
+               f" Each method ran {seeds} seed replicas as one sweep (all four seeds offset "
+               "by 0, 1, ...); cells are mean ± std over them, curves and heat-maps show "
+               "replica 0." if seeds > 1 else ""),
            "Every method is one `experiments/run.py` command (listed at the end); "
            "re-running the command above resumes or reuses them.", ""]
   summaries: Dict[str, Any] = {}
@@ -145,21 +172,24 @@ def write_report(cset: sets.ComparisonSet, plan, rounds: int, out: str, command:
     prefix = f"{group}_" if group else ""
     for _, m, workdir, margv in group_plan:
       name = f"{group}/{m.label}" if group else m.label
-      commands.append(f"python experiments/run.py {' '.join(margv)}")
-      loaded = report.load_run(workdir)
-      if name in failed or loaded is None:
+      commands.append(f"python experiments/run.py {' '.join(margv)}" if seeds == 1 else
+                      f"python experiments/sweep.py {' '.join(margv)} --seeds={seeds}")
+      dirs = replica_dirs(workdir, seeds)
+      loaded = [report.load_run(d) for d in dirs]
+      if name in failed or any(l is None for l in loaded):
         entries.append({"title": m.title, "error": failed.get(name, "no metrics")})
         continue
-      s = report.summary(loaded)
+      s = report.over_seeds([report.summary(l) for l in loaded])
       entries.append({"title": m.title, "summary": s})
       summaries[name] = s
-      runs[m.title] = loaded["rows"]
-      keep = os.path.join(out, "runs", group, m.label)
-      os.makedirs(keep, exist_ok=True)
-      for f in ("config.json", "metrics.jsonl"):
-        shutil.copyfile(os.path.join(workdir, f), os.path.join(keep, f))
+      runs[m.title] = loaded[0]["rows"]   # curves: the first replica
+      for d in dirs:
+        keep = os.path.join(out, "runs", group, m.label, os.path.relpath(d, workdir))
+        os.makedirs(keep, exist_ok=True)
+        for f in ("config.json", "metrics.jsonl"):
+          shutil.copyfile(os.path.join(d, f), os.path.join(keep, f))
       if cset.table == "sparsyfed":
-        heat = report.iou_heatmap(workdir, os.path.join(out, f"{prefix}iou_{m.label}.png"),
+        heat = report.iou_heatmap(dirs[0], os.path.join(out, f"{prefix}iou_{m.label}.png"),
                                   title=f"{m.title}: IoU of global masks")
         if heat:
           s["iou_heatmap"] = os.path.basename(heat)

@@ -58,8 +58,30 @@ def summary(run: Dict[str, Any]) -> Dict[str, Any]:
   }
 
 
-def _f(value, fmt: str) -> str:
-  return "–" if value is None else format(value, fmt)
+def over_seeds(summaries: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+  """One summary of seed replicas: every numeric column's mean, and its sample standard
+  deviation under `<column>_std` (a single replica is returned as it is)."""
+  if len(summaries) == 1:
+    return dict(summaries[0])
+  out: Dict[str, Any] = {"replicas": len(summaries)}
+  for key in summaries[0]:
+    values = [s[key] for s in summaries]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      out[key] = statistics.mean(values)
+      out[key + "_std"] = statistics.stdev(values)
+    else:
+      out[key] = values[0] if all(v == values[0] for v in values) else None
+  return out
+
+
+def _cell(s: Dict[str, Any], key: str, fmt: str, transform=lambda v: v) -> str:
+  """`s[key]` formatted, with ± its std over seed replicas when there is one."""
+  value = s.get(key)
+  if value is None:
+    return "–"
+  text = format(transform(value), fmt)
+  std = s.get(key + "_std")
+  return text if std is None else f"{text} ± {format(std, fmt)}"
 
 
 def table(kind: str, entries: Sequence[Dict[str, Any]]) -> str:
@@ -79,14 +101,16 @@ def table(kind: str, entries: Sequence[Dict[str, Any]]) -> str:
       continue
     s = e["summary"]
     rounds = str(s["rounds"]) + ("" if s["rounds"] == s["planned"] else f" of {s['planned']}")
-    common = f"| {e['title']} | {rounds} | {_f(s['accuracy'], '.4f')} | {_f(s['last5'], '.4f')}"
+    common = (f"| {e['title']} | {rounds} | {_cell(s, 'accuracy', '.4f')} "
+              f"| {_cell(s, 'last5', '.4f')}")
     if kind == "fedsparsify":
-      lines.append(f"{common} | {1 - s['density']:.4f} | {s['cc_mparams']:.1f} "
-                   f"| {s['mbit']:,.0f} | {s['seconds']:.0f} |")
-    else:
-      lines.append(f"{common} | {_f(s['regrowth'], ',.1f')} | {s['density']:.4f} "
-                   f"| {_f(s['iou'], '.4f')} | {s['uplink_mb']:,.1f} | {s['downlink_mb']:,.1f} "
+      lines.append(f"{common} | {_cell(s, 'density', '.4f', lambda d: 1 - d)} "
+                   f"| {_cell(s, 'cc_mparams', '.1f')} | {_cell(s, 'mbit', ',.0f')} "
                    f"| {s['seconds']:.0f} |")
+    else:
+      lines.append(f"{common} | {_cell(s, 'regrowth', ',.1f')} | {_cell(s, 'density', '.4f')} "
+                   f"| {_cell(s, 'iou', '.4f')} | {_cell(s, 'uplink_mb', ',.1f')} "
+                   f"| {_cell(s, 'downlink_mb', ',.1f')} | {s['seconds']:.0f} |")
   return "\n".join(lines) + "\n"
 
 
