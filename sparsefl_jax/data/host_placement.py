@@ -83,12 +83,12 @@ class ArrayClients:
 
 def _npy_data_offset(path: str) -> Tuple[int, np.dtype, Tuple[int, ...]]:
   """(byte offset of the data, dtype, shape) of a C-order `.npy` file."""
-  with open(path, "rb") as f:
-    version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = np.lib.format._read_array_header(f, version)
-    if fortran:
-      raise ValueError(f"{path} is Fortran-ordered; write it in C order")
-    return f.tell(), dtype, shape
+  m = np.load(path, mmap_mode="r")
+  if not m.flags.c_contiguous:
+    raise ValueError(f"{path} is not C-ordered; write it in C order")
+  out = (int(m.offset), m.dtype, tuple(m.shape))
+  del m
+  return out
 
 
 class FlatClients:
