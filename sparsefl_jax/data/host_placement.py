@@ -99,7 +99,9 @@ class FlatClients:
   `counts` live in memory.
   """
 
-  def __init__(self, folder: str):
+  def __init__(self, folder: str, num_clients: Optional[int] = None):
+    """`num_clients`: use only the first that many clients (a smaller population from the
+    same files; the padded length M stays the folder's)."""
     self.folder = folder
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
@@ -111,6 +113,12 @@ class FlatClients:
       raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FLAT_FORMAT}")
     self.meta = meta
     self.offsets = np.load(os.path.join(folder, "offsets.npy"))
+    total = len(self.offsets) - 1
+    if num_clients is not None:
+      if not 1 <= num_clients <= total:
+        raise ValueError(f"num_clients={num_clients} must lie in [1, {total}] (the clients "
+                         f"in {folder})")
+      self.offsets = self.offsets[:num_clients + 1]
     self.counts = np.diff(self.offsets).astype(np.int32)
     self._max = int(meta["max_examples"])
     if self.counts.min() < 1 or self.counts.max() > self._max:
@@ -118,7 +126,7 @@ class FlatClients:
                        f"{self.counts.min()}..{self.counts.max()}")
     self._x_off, self._x_dtype, x_shape = _npy_data_offset(os.path.join(folder, "x.npy"))
     self._y_off, self._y_dtype, y_shape = _npy_data_offset(os.path.join(folder, "y.npy"))
-    if x_shape[0] != self.offsets[-1] or y_shape != (self.offsets[-1],):
+    if x_shape[0] < self.offsets[-1] or y_shape[0] < self.offsets[-1]:
       raise ValueError(f"{folder}: x {x_shape} / y {y_shape} do not hold the "
                        f"{self.offsets[-1]} examples offsets.npy names")
     self._example_shape = tuple(int(d) for d in x_shape[1:])
