@@ -181,7 +181,7 @@ def build_experiment(cfg: ExperimentConfig, dataset=None, client_source=None) ->
   algo_state = algorithm.init_state(params)
   if probe.overrides_init_from_data(algorithm):   # SNIP, GraSP: prune from one batch
     probe_key = jax.random.fold_in(init_key, DATA_INIT_TAG)
-    probe_data = (host_placement.probe_client_data(client_data, probe_key, cfg.batch_size)
+    probe_data = (host_placement.probe_client_data(client_data, probe_key)
                   if host else client_data)
     params, algo_state = probe.run_init_from_data(
         algorithm, model, batch_fn, probe_data, params, model_state, algo_state,
@@ -396,7 +396,9 @@ def _rounds(cfg, exp, state, first, last, stop, ckpt, writer, tb, progress, coun
   row: Dict[str, Any] = {}
   warned_nonfinite = False
   for t in range(first, last + 1):
-    if _stop_requested(stop):   # signalled before the first round: nothing new to save
+    # signalled before this round: nothing new to save (several processes agree on it only
+    # before the first round; later signals are agreed on after each round, below)
+    if (t == first or jax.process_count() == 1) and _stop_requested(stop):
       raise RunInterrupted(f"{stop.name} before round {t}: nothing new to save; continue "
                            f"with --resume", 128 + stop.signum)
     start = time.perf_counter()

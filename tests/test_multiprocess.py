@@ -8,11 +8,13 @@ all stopped when one fails or the time limit passes, so CI never hangs on a lost
   votes, K = 5 on 4 devices: a zero-weight dummy); the 2-process FedSparsify run keeps its
   data on the host (`data_placement=host`: each process reads only its own shard);
 - only process 0 writes metrics.jsonl, TensorBoard events and the partition plot;
-- `experiments/run.py` on 2 processes, both killed (SIGKILL) after a checkpoint, then resumed
-  with `--resume`: identical to the uninterrupted 2-process run.
+- `experiments/run.py` on 2 processes: a SIGTERM to one of them stops both after the same
+  round with a checkpoint; resumed, both killed (SIGKILL) after a checkpoint, resumed again:
+  identical to the uninterrupted 2-process run.
 """
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -144,36 +146,64 @@ def test_only_process_zero_writes(runs):
   assert sorted(f for f in os.listdir(two) if f.startswith(".lock")) == [".lock", ".lock.1"]
 
 
-def test_run_py_two_processes_killed_and_resumed(runs, tmp_path):
-  """run.py on 2 processes; SIGKILL both after the round-4 checkpoint; --resume; the result is
-  the uninterrupted 2-process run's, bit for bit (and the 1-process run's within float
-  tolerance)."""
+def _wait_rows(procs, workdir, rows, log_dir):
+  """Until metrics.jsonl has `rows` rows; fails if a process ends first."""
+  deadline = time.monotonic() + TIMEOUT
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  while time.monotonic() < deadline:
+    if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= rows:
+      return
+    if any(p.poll() is not None for p in procs):
+      pytest.fail(open(os.path.join(log_dir, "process_0.log")).read()[-3000:])
+    time.sleep(0.02)
+  pytest.fail(f"no {rows} rows within {TIMEOUT} s")
+
+
+def test_run_py_two_processes_signalled_killed_and_resumed(runs, tmp_path):
+  """run.py on 2 processes: SIGTERM to process 1 only stops BOTH after the same round with a
+  checkpoint (exit 143); resumed, both are then killed with SIGKILL after the round-6
+  checkpoint; resumed again, the result is the uninterrupted 2-process run's, bit for bit
+  (and the 1-process run's within float tolerance)."""
   over = dict(RUNS["fedavg"][0], checkpoint_every=2, plot_partition=False)
   flags = [f"--{k}={v}" for k, v in dict(BASE, **over).items()
            if k not in ("progress", "plot_partition")] + ["--noprogress", "--noplot_partition"]
-  workdir = str(tmp_path / "killed")
+  workdir = str(tmp_path / "run")
   cmd = [sys.executable, "experiments/run.py", *flags, f"--workdir={workdir}"]
-  procs = launch.start(cmd, 2, 2, log_dir=str(tmp_path), env=_env(), cwd=ROOT)
-  deadline = time.monotonic() + TIMEOUT
-  metrics = os.path.join(workdir, "metrics.jsonl")
+  env = _env()
+  # 1. SIGTERM reaches process 1 only
+  logs1 = str(tmp_path / "term")
+  os.makedirs(logs1)
+  procs = launch.start(cmd, 2, 2, log_dir=logs1, env=env, cwd=ROOT)
   try:
-    while time.monotonic() < deadline:   # row 5 is written after the round-4 checkpoint
-      if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 5:
-        break
-      assert all(p.poll() is None for p in procs), open(tmp_path / "process_0.log").read()
-      time.sleep(0.02)
+    _wait_rows(procs, workdir, 3, logs1)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+  finally:
+    launch.stop(procs)
+  log0 = open(os.path.join(logs1, "process_0.log")).read()
+  assert codes == [143, 143], (codes, log0[-2000:])
+  stopped = len(_rows(workdir))
+  assert f"stopped after round {stopped} of 12" in log0
+  assert _final_arrays(workdir)[0] == stopped   # the agreed round was checkpointed by both
+  # 2. resume, then SIGKILL both after the round-6 checkpoint (row 7 follows it)
+  logs2 = str(tmp_path / "kill")
+  os.makedirs(logs2)
+  procs = launch.start(cmd + ["--resume"], 2, 2, log_dir=logs2, env=env, cwd=ROOT)
+  try:
+    _wait_rows(procs, workdir, 7, logs2)
   finally:
     launch.stop(procs)   # SIGKILL to both process groups
   done = len(_rows(workdir))
-  assert 5 <= done < over["rounds"], f"killed after {done} rows"
+  assert 7 <= done < over["rounds"], f"killed after {done} rows"
+  # 3. resume to the end
   logs = _launch(cmd + ["--resume"], 2, 2, str(tmp_path / "resume"))
   assert "done: 12 rounds" in logs
   assert _rows(workdir) == _rows(runs["fedavg", 2])
-  killed, whole = _final_arrays(workdir), _final_arrays(runs["fedavg", 2])
-  assert killed[0] == whole[0]
+  resumed, whole = _final_arrays(workdir), _final_arrays(runs["fedavg", 2])
+  assert resumed[0] == whole[0]
   for k in whole[1]:
-    np.testing.assert_array_equal(killed[1][k], whole[1][k], err_msg=k)
-  _close_arrays(_final_arrays(runs["fedavg", 1]), killed)
+    np.testing.assert_array_equal(resumed[1][k], whole[1][k], err_msg=k)
+  _close_arrays(_final_arrays(runs["fedavg", 1]), resumed)
 
 
 def test_bad_process_settings_are_one_line(tmp_path):

@@ -364,7 +364,7 @@ class HostRoundStep:
     self._pool.shutdown(wait=True)
 
 
-def probe_client_data(source, key, batch_size: int):
+def probe_client_data(source, key):
   """A one-client `ClientData` holding the client the probe of `init_from_data` (SNIP)
   draws from the whole population with `key` (the key `probe.run_init_from_data` gets), so
   the probe batch equals the device-resident run's without the population on the device.
@@ -373,7 +373,6 @@ def probe_client_data(source, key, batch_size: int):
   client key = split(batch key)[0], client = randint(client key, 0, P); in a one-client
   dataset `probe_batch` draws client 0, with the same order key.
   """
-  del batch_size
   from sparsefl_jax.federated.state import ClientData
   batch_key = jax.random.split(key, 3)[0]
   client_key = jax.random.split(batch_key)[0]
