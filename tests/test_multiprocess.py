@@ -206,6 +206,23 @@ def test_run_py_two_processes_signalled_killed_and_resumed(runs, tmp_path):
   _close_arrays(_final_arrays(runs["fedavg", 1]), resumed)
 
 
+def test_mesh_must_span_every_process(tmp_path):
+  """--num_devices=1 on 2 processes: both exit 2 with one line, before loading any data."""
+  flags = [f"--{k}={v}" for k, v in dict(BASE, num_devices=1, rounds=1).items()
+           if k != "progress"]
+  cmd = [sys.executable, "experiments/run.py", *flags, f"--workdir={tmp_path / 'w'}"]
+  procs = launch.start(cmd, 2, 2, log_dir=str(tmp_path), env=_env(), cwd=ROOT)
+  try:   # each exits by itself (launch.wait would stop the second when the first fails)
+    assert [p.wait(timeout=TIMEOUT) for p in procs] == [2, 2]
+  finally:
+    launch.stop(procs)
+  for i in range(2):
+    errors = [ln for ln in open(tmp_path / f"process_{i}.log").read().splitlines()
+              if ln.startswith("error:")]
+    assert errors == ["error: num_devices=1 in a run of 2 processes must be one of [2, 4] "
+                      "(the same number of devices from every process; 4 = all of them)"]
+
+
 def test_bad_process_settings_are_one_line(tmp_path):
   from sparsefl_jax import distributed
   from sparsefl_jax.config import ConfigError
