@@ -23,7 +23,6 @@ disk; writing it takes several minutes.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -58,12 +57,15 @@ def write_population(folder: str, clients: int, low: int, high: int, seed: int) 
 
 
 def _rss() -> dict:
-  out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  """Peak RSS of this process (VmHWM: getrusage's ru_maxrss would carry the parent's peak
+  over exec) and its anonymous / file-backed parts now, in MB."""
+  out = {}
+  names = {"VmHWM": "peak_rss_mb", "RssAnon": "rssanon_mb", "RssFile": "rssfile_mb"}
   with open("/proc/self/status") as f:
     for line in f:
-      for key in ("RssAnon", "RssFile"):
-        if line.startswith(key + ":"):
-          out[key.lower() + "_mb"] = int(line.split()[1]) / 1024
+      key = line.split(":")[0]
+      if key in names:
+        out[names[key]] = int(line.split()[1]) / 1024
   return out
 
 

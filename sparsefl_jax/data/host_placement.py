@@ -3,10 +3,11 @@
 The federated training set stays on the host — in memory, or in flat `.npy` files on disk —
 and each round only the sampled cohort's examples are gathered and moved to the devices:
 
-- **Sampling on the host, identical to the engine.** `host_sample_clients` runs the engine's
-  own `sample_clients` (threefry + a permutation: integer arithmetic, the same bits on every
-  backend) on the CPU from (sampling key, round), so round t trains exactly the clients the
-  device-resident round would pick inside jit.
+- **Sampling outside the round, identical to the engine.** `host_sample_clients` runs the
+  engine's own `sample_clients` (threefry + a permutation: integer arithmetic, the same bits
+  on every backend) from (sampling key, round) on one local device, so round t trains
+  exactly the clients the device-resident round would pick inside jit. Its cost is the
+  in-jit sampler's: a permutation of the population, O(P log P).
 - **The same program after the gather.** The round is `build_round_step(...,
   cohort_input=True)`: everything after the gather is the resident round's computation, fed
   the same `Cohort` (ids, counts, padded x, y with the dummy rows), so results are
@@ -255,8 +256,10 @@ def write_flat(folder: str, x: np.ndarray, y: np.ndarray, counts: np.ndarray,
 
 # --- sampling and the streamed round -------------------------------------------------------
 
-def _cpu_device():
-  return jax.local_devices(backend="cpu")[0]
+def _sampling_device():
+  """Where the host-side sampler runs: this process's first device of the default backend
+  (the in-jit sampler's backend; on an accelerator its sort is much faster than the CPU's)."""
+  return jax.local_devices()[0]
 
 
 _SAMPLERS: Dict[Tuple[int, int], Callable] = {}
@@ -265,14 +268,15 @@ _SAMPLERS: Dict[Tuple[int, int], Callable] = {}
 def host_sample_clients(sampling_key, round_index: int, num_clients: int,
                         clients_per_round: int) -> np.ndarray:
   """The client ids the engine's in-jit sampler picks in round `round_index` (1-based),
-  computed on the host CPU with the same function (`sampling.sample_clients`)."""
+  computed with the same function (`sampling.sample_clients`) outside the round, on one
+  local device, and returned as host numpy."""
   fn = _SAMPLERS.get((num_clients, clients_per_round))
   if fn is None:
     fn = _SAMPLERS[(num_clients, clients_per_round)] = jax.jit(
         lambda key, t: sample_clients(key, t, num_clients, clients_per_round))
-  cpu = _cpu_device()
-  key = jax.device_put(np.asarray(sampling_key), cpu)
-  ids = fn(key, jax.device_put(np.int32(round_index), cpu))
+  dev = _sampling_device()
+  key = jax.device_put(np.asarray(sampling_key), dev)
+  ids = fn(key, jax.device_put(np.int32(round_index), dev))
   return np.asarray(ids)
 
 
