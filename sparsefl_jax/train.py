@@ -433,9 +433,11 @@ def _rounds(cfg, exp, state, first, last, stop, ckpt, writer, tb, progress, coun
     if cfg.mask_every and t % cfg.mask_every == 0 and lead:
       save_global_mask(os.path.join(cfg.workdir, "masks"), t, state.params)
     saved = (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last
-    stopping = _stop_requested(stop)
+    stopping = _stop_requested(stop)   # several processes: agreed, so all join the save
     if saved or stopping:
       ckpt.save(t, state, counters)
+    if jax.process_count() == 1:   # one process: a signal during the save stops here too
+      stopping = stop.signum is not None
     progress.update(t, row)
     if stopping and t < last:
       progress.close()
