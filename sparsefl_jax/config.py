@@ -141,6 +141,11 @@ class ExperimentConfig:
                            "each round's sampled cohort is gathered on the host one round "
                            "ahead and moved to the devices (each process reads only its own "
                            "shard). Results are bit-identical.", ("device", "host"))
+  host_data_dir: str = _f("", "data_placement=host: train on the flat client folder written "
+                          "by sparsefl_jax.data.host_placement.FlatWriter (x.npy, y.npy, "
+                          "offsets.npy, meta.json; read from disk per cohort), using its "
+                          "first num_clients clients; --dataset then supplies only the test "
+                          "split, classes and normalisation. '' = the dataset's own split.")
   comm_encoding: str = _f("auto", "Byte encoding for uplink/downlink accounting: auto = "
                           "each tensor in the cheapest of dense, csr and bitmask (what a real "
                           "system sends); the fixed ones match a paper's own counting.",
@@ -302,6 +307,9 @@ class ExperimentConfig:
                         "and checkpoints to")
     if self.dataset == "synthetic":
       _ = self.synthetic_example_shape
+    if self.host_data_dir and self.data_placement != "host":
+      raise ConfigError(f"host_data_dir={self.host_data_dir!r} is read only with "
+                        f"data_placement='host' (got {self.data_placement!r})")
     if self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
       raise ConfigError(f"server_optimizer={self.server_optimizer!r} is not one of "
                         f"{list(SERVER_OPTIMIZER_NAMES)} ('' = the algorithm's default)")

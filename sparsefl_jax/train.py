@@ -344,9 +344,15 @@ def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path, exp_
     raise ConfigError(f"workdir={cfg.workdir!r} already holds a run (checkpoint at round "
                       f"{ckpt.latest_round()}); pass --resume to continue it, or choose a new "
                       "--workdir")
-  ds = dataset if dataset is not None else _load_dataset(cfg)
-  preflight.check_after_partition(cfg, ds)
-  exp = build_experiment(cfg, ds)
+  source = host_placement.open_host_data(cfg) if cfg.host_data_dir else None
+  if source is not None:   # the folder is the training split; the dataset only the rest
+    ds = dataset if dataset is not None else _load_dataset(
+        cfg.replace(num_clients=1, partition="iid"))
+    host_placement.check_matches(source, ds, cfg)
+  else:
+    ds = dataset if dataset is not None else _load_dataset(cfg)
+    preflight.check_after_partition(cfg, ds)
+  exp = build_experiment(cfg, ds, client_source=source)
   if exp_box is not None:
     exp_box.append(exp)
   state = exp.init_state

@@ -198,3 +198,32 @@ def test_bad_placement_is_one_line():
   with pytest.raises(ConfigError, match="client_source is read only with data_placement"):
     train.build_experiment(ExperimentConfig(**TINY, workdir="/x"),
                            client_source=hp.ArrayClients(*_ragged()))
+
+
+DIGITS = dict(dataset="digits", model="mlp_small", num_clients=20, clients_per_round=4,
+              batch_size=25, local_epochs=1, lr=0.1, rounds=2, progress=False, eval_every=1,
+              checkpoint_every=0, tensorboard=False, partition="lda", alpha=0.5, seed=1,
+              data_seed=2, init_seed=3, sampling_seed=4)
+
+
+def test_host_data_dir_trains_from_disk_bit_identically(tmp_path):
+  """--host_data_dir: the training split read per cohort from a flat folder on disk equals
+  the in-memory run (the dataset supplies only test split, classes and normalisation)."""
+  dev = ExperimentConfig(**DIGITS, workdir=str(tmp_path / "device"))
+  ds = train.build_dataset(dev)
+  folder = str(tmp_path / "flat")
+  hp.write_flat(folder, ds.train_x, ds.train_y, ds.counts, num_classes=ds.num_classes)
+  disk = dev.replace(data_placement="host", host_data_dir=folder,
+                     workdir=str(tmp_path / "disk"))
+  train.run(dev)
+  train.run(disk)
+  _same_runs(dev.workdir, disk.workdir)
+  with pytest.raises(ConfigError, match=r"num_clients=21 must lie in \[1, 20\]"):
+    train.run(disk.replace(num_clients=21, workdir=str(tmp_path / "more")))
+  with pytest.raises(ConfigError, match=r"host_data_dir='.*' is read only with "
+                     r"data_placement='host' \(got 'device'\)"):
+    disk.replace(data_placement="device").validate()
+  with pytest.raises(ConfigError, match=r"holds examples of shape \(8, 8, 1\), but "
+                     r"dataset='synthetic' has \(6, 6, 1\)"):
+    train.run(disk.replace(dataset="synthetic", synthetic_shape="6,6,1",
+                           workdir=str(tmp_path / "shape")))

@@ -383,3 +383,32 @@ def probe_client_data(source, key):
   cid = int(jax.random.randint(client_key, (), 0, source.num_clients))
   x, y = source.gather(np.asarray([cid]))
   return ClientData.from_arrays(x, y, source.counts[[cid]])
+
+
+def open_host_data(cfg) -> "FlatClients":
+  """The `--host_data_dir` folder of a run, its first `cfg.num_clients` clients; bad
+  settings are one ConfigError line."""
+  from sparsefl_jax.config import ConfigError
+  try:
+    return FlatClients(cfg.host_data_dir, num_clients=cfg.num_clients)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"host_data_dir={cfg.host_data_dir!r}: {e}") from None
+
+
+def check_matches(source, ds, cfg) -> None:
+  """The folder's examples fit the dataset that supplies the test split and the model:
+  same example shape, labels within its classes, batch_size within the largest client."""
+  from sparsefl_jax.config import ConfigError
+  where = f"host_data_dir={cfg.host_data_dir!r}"
+  if tuple(source.example_shape) != tuple(ds.example_shape):
+    raise ConfigError(f"{where} holds examples of shape {source.example_shape}, but "
+                      f"dataset={cfg.dataset!r} has {ds.example_shape}; accepted: a dataset "
+                      "of the folder's example shape")
+  classes = getattr(source, "meta", {}).get("num_classes")
+  if classes is not None and classes > ds.num_classes:
+    raise ConfigError(f"{where} has {classes} classes but dataset={cfg.dataset!r} only "
+                      f"{ds.num_classes}; accepted: a dataset with >= {classes} classes")
+  largest = int(source.counts.max())
+  if cfg.batch_size > largest:
+    raise ConfigError(f"batch_size={cfg.batch_size} exceeds every client of {where}: the "
+                      f"largest holds {largest} examples; accepted: 1..{largest}")
