@@ -173,7 +173,8 @@ def build_experiment(cfg: ExperimentConfig, dataset=None, client_source=None) ->
       cfg.server_b2, cfg.server_eps, impl=cfg.server_opt_impl)
   sampling_key = jax.random.fold_in(jax.random.PRNGKey(cfg.sampling_seed), SAMPLING_STREAM)
   if host:   # the training split never goes to the device as a whole
-    client_data = client_source or host_placement.ArrayClients.from_dataset(ds)
+    client_data = (client_source if client_source is not None
+                   else host_placement.ArrayClients.from_dataset(ds))
     num_clients, max_examples = client_data.num_clients, client_data.max_examples
   else:
     client_data = ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts)
