@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from sparsefl_jax import distributed  # noqa: E402
 from sparsefl_jax.config import ConfigError, ExperimentConfig, flagfile_lines  # noqa: E402
 
 # The hyperparameter flags `define_flags` defined: {name: (Hyper, algorithms declaring it)}.
@@ -112,6 +113,7 @@ def define_flags(argv: Optional[Sequence[str]] = None,
             f"[hyperparameter of {', '.join(owners)}] {h.describe()}",
             h.choices if h.kind is str else None)
     _HYPER_FLAGS[name] = (h, owners)
+  distributed.define_flags(flag_values)   # launch-only: not part of the config
 
 
 def _define(flag_values: flags.FlagValues, name: str, kind, default, help_text: str,
@@ -184,6 +186,10 @@ def main(argv) -> None:
     signal.signal(sig, _signal_before_training)
   if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) off the console
     logging.set_verbosity(logging.WARNING)
+  try:   # several processes: jax.distributed before any other JAX call
+    distributed.initialize_from_flags()
+  except ValueError as e:
+    _fail(" ".join(str(e).split()))
   from sparsefl_jax import train  # heavy imports after flag parsing
   from sparsefl_jax.guard import Diverged
   from sparsefl_jax.stopping import RunInterrupted

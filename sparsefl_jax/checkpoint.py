@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsefl_jax import distributed
 from sparsefl_jax.config import ConfigError
 from sparsefl_jax.types import PyTree
 
@@ -167,7 +168,9 @@ class Checkpointer:
     self._manager.save(round_index, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
-    write_file_manifest(os.path.join(self.directory, str(round_index)))
+    if jax.process_index() == 0:   # several processes share the folder: one writes
+      write_file_manifest(os.path.join(self.directory, str(round_index)))
+    distributed.barrier(f"sparsefl_checkpoint_{round_index}")
 
   def all_rounds(self) -> List[int]:
     return sorted(self._manager.all_steps())
@@ -195,11 +198,25 @@ class Checkpointer:
       return None, None, {}
     damaged = []
     for step in reversed(steps):
+      error = None
       try:
         check_file_manifest(os.path.join(self.directory, str(step)))
-        _silence_closed_loop_callbacks()   # before orbax reads: its failures print late
-        state, counters = self._load(target, step)
-      except Exception as e:  # orbax/tensorstore raise many types; all mean "unreadable"
+      except Exception as e:
+        error = e
+      # Several processes: every decision is agreed on, so all load (orbax restores
+      # collectively) or all skip the same step.
+      if not distributed.any_process(error is not None):
+        try:
+          _silence_closed_loop_callbacks()   # before orbax reads: its failures print late
+          state, counters = self._load(target, step)
+        except Exception as e:  # orbax/tensorstore raise many types; all mean "unreadable"
+          error = e
+        if distributed.any_process(error is not None) and error is None:
+          error = ValueError("damaged as read by another process")
+      elif error is None:
+        error = ValueError("damaged as checked by another process")
+      if error is not None:
+        e = error
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         where = os.path.join(self.directory, str(step))
         damaged.append(f"round {step} ({reason})")
@@ -259,8 +276,9 @@ class Checkpointer:
     while os.path.exists(dst):
       dst = os.path.join(dst_root, f"{step}.{n}")
       n += 1
-    if os.path.exists(src):
+    if jax.process_index() == 0 and os.path.exists(src):   # one process moves it
       shutil.move(src, dst)
+    distributed.barrier(f"sparsefl_quarantine_{step}")
     self._manager.reload()   # forget the moved step
     return dst
 

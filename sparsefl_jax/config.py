@@ -140,6 +140,17 @@ class ExperimentConfig:
   client_chunk_size: int = _f(2, "Clients per vmapped chunk for client_map=chunked.")
   num_devices: int = _f(1, "Devices to shard each round's clients over (1 = none; on CPU "
                        "set XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+  data_placement: str = _f("device", "Where the federated training set lives: 'device' = "
+                           "on every device, the round gathers its cohort inside jit (the "
+                           "default; fastest while the data fits); 'host' = in host memory, "
+                           "each round's sampled cohort is gathered on the host one round "
+                           "ahead and moved to the devices (each process reads only its own "
+                           "shard). Results are bit-identical.", ("device", "host"))
+  host_data_dir: str = _f("", "data_placement=host: train on the flat client folder written "
+                          "by sparsefl_jax.data.host_placement.FlatWriter (x.npy, y.npy, "
+                          "offsets.npy, meta.json; read from disk per cohort), using its "
+                          "first num_clients clients; --dataset then supplies only the test "
+                          "split, classes and normalisation. '' = the dataset's own split.")
   comm_encoding: str = _f("auto", "Byte encoding for uplink/downlink accounting: auto = "
                           "each tensor in the cheapest of dense, csr and bitmask (what a real "
                           "system sends); the fixed ones match a paper's own counting.",
@@ -301,6 +312,9 @@ class ExperimentConfig:
                         "and checkpoints to")
     if self.dataset == "synthetic":
       _ = self.synthetic_example_shape
+    if self.host_data_dir and self.data_placement != "host":
+      raise ConfigError(f"host_data_dir={self.host_data_dir!r} is read only with "
+                        f"data_placement='host' (got {self.data_placement!r})")
     if self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
       raise ConfigError(f"server_optimizer={self.server_optimizer!r} is not one of "
                         f"{list(SERVER_OPTIMIZER_NAMES)} ('' = the algorithm's default)")

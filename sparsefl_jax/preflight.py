@@ -42,6 +42,11 @@ def check_before_data(cfg: ExperimentConfig) -> None:
     raise ConfigError(f"num_devices={cfg.num_devices} must lie in [1, {jax.device_count()}] "
                       f"(the devices JAX sees); on CPU set XLA_FLAGS="
                       f"--xla_force_host_platform_device_count={cfg.num_devices}")
+  from sparsefl_jax.federated import sharding
+  try:   # several processes: the mesh takes the same number of devices from each
+    sharding.check_processes(cfg.num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   check_memory(cfg, min_client_examples(cfg))
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any, Dict, Optional
 
@@ -12,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsefl_jax import algorithms, data, guard, models, preflight
+from sparsefl_jax import algorithms, data, distributed, guard, models, preflight
 from sparsefl_jax.checkpoint import Checkpointer
 from sparsefl_jax.config import (ConfigError, ExperimentConfig, config_from_json,
                                  config_to_json)
-from sparsefl_jax.data import preprocess
+from sparsefl_jax.data import host_placement, preprocess
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated import client_map as client_map_lib
 from sparsefl_jax.federated import evaluation, optimizers, probe, sharding
@@ -38,7 +39,8 @@ DATA_INIT_TAG = 1   # folded into the init stream's key: the probe batch of init
 # folder is the run's identity). `rounds` has its own rule (`rounds_fixed_reason`).
 RESUME_FREE_FIELDS = ("resume", "progress", "eval_batch_size", "keep_checkpoints",
                       "checkpoint_every", "plot_partition", "eval_every", "mask_every",
-                      "allow_nonfinite", "workdir", "progress_every", "tensorboard")
+                      "allow_nonfinite", "workdir", "progress_every", "tensorboard",
+                      "data_placement")
 # Cumulative metrics.jsonl columns and the per-round column each sums; their running totals
 # are saved with every checkpoint, so resume never rebuilds them from metrics.jsonl.
 CUMULATIVE_FIELDS = {"cumulative_uplink_bytes": "uplink_bytes",
@@ -140,9 +142,21 @@ class PhasedRoundStep:
     return self.step_for_round(int(state.round) + 1)(state, data, key)
 
 
-def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
-  """Validates `cfg` and builds dataset, model, algorithm, initial state and the jitted round."""
+def build_experiment(cfg: ExperimentConfig, dataset=None, client_source=None) -> Experiment:
+  """Validates `cfg` and builds dataset, model, algorithm, initial state and the jitted round.
+
+  With `cfg.data_placement == 'host'` the training split stays on the host:
+  `exp.client_data` is a `host_placement` source (`client_source`, e.g. a `FlatClients`
+  folder of a population too big for memory, else the dataset's arrays) and `exp.round_step`
+  a `HostRoundStep` that streams each round's cohort; `dataset` then supplies the test split,
+  classes and normalisation.
+  """
   cfg.validate()
+  if client_source is not None and cfg.data_placement != "host":
+    raise ConfigError("a client_source is read only with data_placement='host' (got "
+                      f"data_placement={cfg.data_placement!r})")
+  host = cfg.data_placement == "host"
+  sharding.check_processes(cfg.num_devices)   # several processes: the mesh spans them all
   algorithm = algorithms.get_algorithm(cfg.algorithm, cfg)
   if cfg.model not in models.MODELS:
     raise ConfigError(f"model={cfg.model!r} is not one of {list(models.MODELS)}")
@@ -158,17 +172,26 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       server_name, cfg.resolved_server_lr(server_name), cfg.server_momentum, cfg.server_b1,
       cfg.server_b2, cfg.server_eps, impl=cfg.server_opt_impl)
   sampling_key = jax.random.fold_in(jax.random.PRNGKey(cfg.sampling_seed), SAMPLING_STREAM)
-  client_data = ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts)
+  if host:   # the training split never goes to the device as a whole
+    client_data = (client_source if client_source is not None
+                   else host_placement.ArrayClients.from_dataset(ds))
+    num_clients, max_examples = client_data.num_clients, client_data.max_examples
+  else:
+    client_data = ClientData.from_arrays(ds.train_x, ds.train_y, ds.counts)
+    num_clients, max_examples = ds.num_clients, ds.max_examples
   algo_state = algorithm.init_state(params)
   if probe.overrides_init_from_data(algorithm):   # SNIP, GraSP: prune from one batch
+    probe_key = jax.random.fold_in(init_key, DATA_INIT_TAG)
+    probe_data = (host_placement.probe_client_data(client_data, probe_key)
+                  if host else client_data)
     params, algo_state = probe.run_init_from_data(
-        algorithm, model, batch_fn, client_data, params, model_state, algo_state,
-        cfg.batch_size, jax.random.fold_in(init_key, DATA_INIT_TAG))
+        algorithm, model, batch_fn, probe_data, params, model_state, algo_state,
+        cfg.batch_size, probe_key)
   state = round_lib.init_server_state(algorithm, params, model_state, server_opt,
                                       sampling_key, algo_state=algo_state)
   round_cfg = round_lib.RoundConfig(
-      num_clients=ds.num_clients, clients_per_round=cfg.clients_per_round,
-      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, ds.max_examples),
+      num_clients=num_clients, clients_per_round=cfg.clients_per_round,
+      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, max_examples),
       lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end,
                                               cfg.lr_horizon or cfg.rounds),
       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -178,14 +201,21 @@ def build_experiment(cfg: ExperimentConfig, dataset=None) -> Experiment:
       num_devices=cfg.num_devices, mask_metrics=cfg.mask_metrics)
   mesh = round_lib.round_mesh(round_cfg)
   step = PhasedRoundStep(algorithm, lambda algo, rcfg: round_lib.jit_round_step(
-      round_lib.build_round_step(algo, model, batch_fn, rcfg, server_opt)), round_cfg)
-  if not step.has_phases:
+      round_lib.build_round_step(algo, model, batch_fn, rcfg, server_opt,
+                                 cohort_input=host)), round_cfg)
+  if host:
+    step = host_placement.HostRoundStep(step, mesh)
+  elif not step.has_phases:
     step = step.step_for_phase("train")   # the plain jitted round (no host read of t)
   evaluate = evaluation.make_eval_fn(algorithm, model, batch_fn)
   test_batches = evaluation.pad_eval_split(ds.test_x, ds.test_y, cfg.eval_batch_size)
-  client_data = sharding.replicate(client_data, mesh)
+  if not host:
+    client_data = sharding.replicate(client_data, mesh)
   state = sharding.replicate(state, mesh)
   train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), TRAINING_STREAM)
+  if jax.process_count() > 1:   # every input of the round a global (replicated) array
+    train_key = sharding.replicate(train_key, mesh)
+    test_batches = sharding.replicate(test_batches, mesh)
   return Experiment(cfg, ds, model, algorithm, client_data, step, train_key, state, evaluate,
                     test_batches, mesh)
 
@@ -272,7 +302,7 @@ def run(cfg: ExperimentConfig, dataset=None, max_rounds: Optional[int] = None
   cfg = cfg.validate().with_method_defaults()   # config.json and resume see every hyperparam
   preflight.check_before_data(cfg)
   _prepare_workdir(cfg)
-  with WorkdirLock(cfg.workdir):
+  with WorkdirLock(cfg.workdir, distributed.lock_name()):
     stop = StopRequest().install()
     try:
       return _run_locked(cfg, dataset, max_rounds, stop)
@@ -296,13 +326,16 @@ def _run_locked(cfg: ExperimentConfig, dataset, max_rounds: Optional[int],
   config_path = os.path.join(cfg.workdir, "config.json")
   metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
   ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  exp_box: list = []
   try:
-    return _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path)
+    return _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path, exp_box)
   finally:
+    if exp_box and hasattr(exp_box[0].round_step, "close"):   # host placement's prefetcher
+      exp_box[0].round_step.close()
     ckpt.close()
 
 
-def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path):
+def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path, exp_box=None):
   writer = MetricsWriter(metrics_path)
   lead = jax.process_index() == 0   # multi-host: one process writes files (orbax coordinates)
   resuming = cfg.resume and ckpt.latest_round() is not None
@@ -312,9 +345,17 @@ def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path):
     raise ConfigError(f"workdir={cfg.workdir!r} already holds a run (checkpoint at round "
                       f"{ckpt.latest_round()}); pass --resume to continue it, or choose a new "
                       "--workdir")
-  ds = dataset if dataset is not None else _load_dataset(cfg)
-  preflight.check_after_partition(cfg, ds)
-  exp = build_experiment(cfg, ds)
+  source = host_placement.open_host_data(cfg) if cfg.host_data_dir else None
+  if source is not None:   # the folder is the training split; the dataset only the rest
+    ds = dataset if dataset is not None else _load_dataset(
+        cfg.replace(num_clients=1, partition="iid"))
+    host_placement.check_matches(source, ds, cfg)
+  else:
+    ds = dataset if dataset is not None else _load_dataset(cfg)
+    preflight.check_after_partition(cfg, ds)
+  exp = build_experiment(cfg, ds, client_source=source)
+  if exp_box is not None:
+    exp_box.append(exp)
   state = exp.init_state
   counters = {name: 0 for name in CUMULATIVE_FIELDS}
   if resuming:
@@ -329,7 +370,7 @@ def _train(cfg, dataset, max_rounds, stop, ckpt, config_path, metrics_path):
                       "cumulative counters come from the checkpoint", metrics_path, len(kept),
                       start)
     logging.info("resumed from round %d", start)
-  elif os.path.exists(metrics_path):
+  elif lead and os.path.exists(metrics_path):
     os.remove(metrics_path)
   if lead:
     write_json_atomic(config_path, config_to_json(cfg))
@@ -362,7 +403,9 @@ def _rounds(cfg, exp, state, first, last, stop, ckpt, writer, tb, progress, coun
   row: Dict[str, Any] = {}
   warned_nonfinite = False
   for t in range(first, last + 1):
-    if stop.signum is not None:   # signalled before the first round: nothing new to save
+    # signalled before this round: nothing new to save (several processes agree on it only
+    # before the first round; later signals are agreed on after each round, below)
+    if (t == first or jax.process_count() == 1) and _stop_requested(stop):
       raise RunInterrupted(f"{stop.name} before round {t}: nothing new to save; continue "
                            f"with --resume", 128 + stop.signum)
     start = time.perf_counter()
@@ -397,15 +440,31 @@ def _rounds(cfg, exp, state, first, last, stop, ckpt, writer, tb, progress, coun
     if cfg.mask_every and t % cfg.mask_every == 0 and lead:
       save_global_mask(os.path.join(cfg.workdir, "masks"), t, state.params)
     saved = (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last
-    if saved or stop.signum is not None:
+    stopping = _stop_requested(stop)   # several processes: agreed, so all join the save
+    if saved or stopping:
       ckpt.save(t, state, counters)
+    if jax.process_count() == 1:   # one process: a signal during the save stops here too
+      stopping = stop.signum is not None
     progress.update(t, row)
-    if stop.signum is not None and t < last:
+    if stopping and t < last:
       progress.close()
       raise RunInterrupted(f"{stop.name}: stopped after round {t} of {cfg.rounds}; "
                            f"checkpoint saved in {ckpt.directory}; continue with --resume",
                            128 + stop.signum)
   return row
+
+
+def _stop_requested(stop: StopRequest) -> bool:
+  """Whether to stop after this round. Several processes agree on it (one tiny all-gather a
+  round), so a signal that reached only some of them still stops all at the same round and
+  every process joins the checkpoint save."""
+  if jax.process_count() == 1:
+    return stop.signum is not None
+  if distributed.any_process(stop.signum is not None):
+    if stop.signum is None:   # another process was signalled: stop here too, as SIGTERM
+      stop.signum = signal.SIGTERM
+    return True
+  return False
 
 
 def _partition_title(cfg: ExperimentConfig) -> str:

@@ -21,8 +21,9 @@ class WorkdirBusy(ConfigError):
 class WorkdirLock:
   """Exclusive, non-blocking lock on `<workdir>/.lock`; `release()` (or process exit) frees it."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, workdir: str, name: str = LOCK_FILE):
+    # name: processes of one multi-process run share the folder, each with its own lock file
+    self.path = os.path.join(workdir, name)
     self._fd: Optional[int] = None
 
   def acquire(self) -> "WorkdirLock":

@@ -12,7 +12,7 @@ the candidate model. With num_devices > 1 the clients (padded with
 zero-weight dummies) are split over a device mesh by shard_map (see `sharding`).
 """
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,20 @@ from sparsefl_jax.sparsity import metrics as sparse_metrics
 from sparsefl_jax.types import AlgoState, ModelState, Params, PRNGKey
 
 RoundStep = Callable[[ServerState, ClientData, PRNGKey], Tuple[ServerState, Dict[str, Any]]]
+
+
+class Cohort(NamedTuple):
+  """One round's sampled clients with their data gathered: what a round trains on.
+
+  `ids` and `counts` cover the K sampled clients; `x` and `y` are padded to the round's
+  `padded_clients` rows with the dummy clients' rows (client 0's data, trained with 0
+  examples), exactly what the device-resident round gathers itself. Built on the host by
+  `data.host_placement` when the dataset stays off the device (`--data_placement=host`).
+  """
+  ids: jax.Array       # (K,) int32 client ids, from `sample_clients`
+  counts: jax.Array    # (K,) int32 example counts of those clients
+  x: jax.Array         # (K_pad, M, ...) raw examples of ids padded with dummies (id 0)
+  y: jax.Array         # (K_pad, M) int32 labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +172,15 @@ def _stream_clients(fn: Callable, xs, weights: Tuple[jax.Array, ...], chunk: int
 
 def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
                      cfg: RoundConfig,
-                     server_opt: Optional[optax.GradientTransformation]) -> RoundStep:
+                     server_opt: Optional[optax.GradientTransformation],
+                     cohort_input: bool = False) -> RoundStep:
   """Returns the (un-jitted) pure round function; wrap it in jax.jit (see `jit_round_step`).
+
+  `round_step(state, client_data, key)` samples and gathers the cohort from the whole
+  device-resident `ClientData` itself. With `cohort_input=True` it is instead
+  `round_step(state, cohort, key)`: the caller passes the round's `Cohort`, sampled with
+  `sample_clients` from (state.sampling_key, state.round + 1) and gathered on the host, and
+  everything after the gather is the same computation (bit-identical results).
 
   With cfg.num_devices > 1 the clients are split over a device mesh (see `sharding`); pass
   the client data through `sharding.replicate(data, round_mesh(cfg))` once, so it is not
@@ -215,12 +236,12 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
         local_round, mesh=mesh, in_specs=(rep,) * 5 + (per_client,) * 5,
         out_specs=(rep if stream else per_client, per_client), check_vma=False)
 
-  def round_step(state: ServerState, data: ClientData, key: PRNGKey):
+  replicate_out = mesh is not None and jax.process_count() > 1
+
+  def cohort_step(state: ServerState, cohort: Cohort, key: PRNGKey):
     t = state.round + 1
-    ids = sample_clients(state.sampling_key, t, cfg.num_clients, k_real)
-    ns_real = data.counts[ids]
+    ids, ns_real, xs, ys = cohort
     ids_p, ns = sharding.pad_clients(ids, ns_real, k_pad)   # zero-weight dummies
-    xs, ys = data.x[ids_p], data.y[ids_p]
     round_key = jax.random.fold_in(key, t)
     client_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids_p)
     global_in = algorithm.broadcast(state.params, state.algo_state, t)
@@ -280,7 +301,20 @@ def build_round_step(algorithm: Algorithm, model, batch_fn: client_lib.BatchFn,
     new_state = ServerState(round=t, params=params, model_state=model_state,
                             opt_state=opt_state, algo_state=algo_state,
                             sampling_key=state.sampling_key)
+    if replicate_out:   # several processes: every output readable (and saved) by each
+      rep = sharding.replicated(mesh)
+      new_state, metrics = jax.lax.with_sharding_constraint((new_state, metrics), rep)
     return new_state, metrics
+
+  if cohort_input:
+    return cohort_step
+
+  def round_step(state: ServerState, data: ClientData, key: PRNGKey):
+    t = state.round + 1
+    ids = sample_clients(state.sampling_key, t, cfg.num_clients, k_real)
+    ns_real = data.counts[ids]
+    ids_p, _ = sharding.pad_clients(ids, ns_real, k_pad)
+    return cohort_step(state, Cohort(ids, ns_real, data.x[ids_p], data.y[ids_p]), key)
 
   return round_step
 

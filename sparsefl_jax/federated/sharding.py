@@ -12,7 +12,7 @@ a `pcast` (shard_map's varying-manual-axes checking); the only collective the ro
 needs is the explicit psum of the streamed weighted sums.
 """
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +39,68 @@ def check_num_devices(num_devices: int) -> None:
         "or call jax.distributed.initialize() on every host first")
 
 
-def client_mesh(num_devices: int) -> Mesh:
-  """A 1-D mesh over the first `num_devices` global devices, Auto axis type.
+def check_processes(num_devices: int) -> None:
+  """Several processes (`jax.distributed`): the mesh must take the same number of devices
+  from every process, so num_devices must be a multiple of the process count (each process
+  then trains its own block of clients). Raises ValueError naming the accepted values."""
+  n_proc = jax.process_count()
+  if n_proc == 1:
+    return
+  local = min(sum(1 for d in jax.devices() if d.process_index == p) for p in range(n_proc))
+  accepted = [n_proc * i for i in range(1, local + 1)]
+  if num_devices not in accepted:
+    raise ValueError(f"num_devices={num_devices} in a run of {n_proc} processes must be one "
+                     f"of {accepted} (the same number of devices from every process; "
+                     f"{n_proc * local} = all of them)")
 
+
+def client_mesh(num_devices: int) -> Mesh:
+  """A 1-D mesh over `num_devices` global devices, Auto axis type.
+
+  One process: the first `num_devices` of `jax.devices()`. Several processes: the first
+  num_devices / process_count devices of each process, in process order, so client block i
+  trains on a device of process i * process_count // num_devices.
   jax 0.10's `jax.make_mesh` defaults to Explicit axes, which reject ordinary indexing of
   sharded arrays; an Auto mesh lets XLA's SPMD partitioner place everything else.
   """
   check_num_devices(num_devices)
-  devices = np.asarray(jax.devices()[:num_devices])
-  return Mesh(devices, (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  check_processes(num_devices)
+  n_proc = jax.process_count()
+  if n_proc == 1:
+    devices = jax.devices()[:num_devices]
+  else:
+    per = num_devices // n_proc
+    devices = [d for p in range(n_proc)
+               for d in [d for d in jax.devices() if d.process_index == p][:per]]
+  return Mesh(np.asarray(devices), (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_clients(tree: Any, mesh: Optional[Mesh], fetch: Callable[[slice], Any]) -> Any:
+  """Builds arrays whose leading (client) axis is split over `mesh` from host data.
+
+  `fetch(rows)` returns the host arrays (a tree like `tree`'s shape description) of the
+  padded cohort's rows `rows`; each process calls it only for the rows of its own devices, so
+  it reads only its own clients' data. `tree` holds `jax.ShapeDtypeStruct`s of the full
+  arrays. mesh=None: one device, `fetch(slice(None))` put on it.
+  """
+  if mesh is None:
+    return jax.device_put(fetch(slice(None)))
+  spec = NamedSharding(mesh, PartitionSpec(CLIENT_AXIS))
+  leaves, treedef = jax.tree.flatten(tree)
+  cache = {}
+
+  def rows_of(index):
+    rows = index[0]
+    key = (rows.start, rows.stop)
+    if key not in cache:   # one fetch per block feeds every leaf
+      cache[key] = jax.tree.leaves(fetch(rows))
+    return cache[key]
+
+  out = []
+  for i, leaf in enumerate(leaves):
+    out.append(jax.make_array_from_callback(
+        leaf.shape, spec, lambda index, i=i: rows_of(index)[i]))
+  return jax.tree.unflatten(treedef, out)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
