@@ -23,9 +23,7 @@ process's peak RSS. Results go to --json_out.
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import threading
 import time
 from typing import Any, Dict, List, Sequence
 
@@ -54,43 +52,7 @@ flags.DEFINE_bool("quick", False, "Smoke run: 3 rounds, 2 FMNIST and 2 LEAF memb
 flags.DEFINE_string("json_out", "experiments/results/bench_sweep.json", "Results file.")
 
 
-class RssPeak:
-  """Samples this process's RSS every 10 ms in a thread; `mb` is the max seen."""
-
-  def __init__(self):
-    import psutil
-    self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self) -> None:
-    while not self._stop.is_set():
-      self.peak = max(self.peak, self._proc.memory_info().rss)
-      time.sleep(0.01)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *a):
-    self._stop.set()
-    self._thread.join()
-
-  @property
-  def mb(self) -> float:
-    return self.peak / 2**20
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  """GFLOP/s of a jitted float32 jnp.dot n³ (median of `repeats`)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  f = jax.jit(jnp.dot)
-  f(a, a).block_until_ready()
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(ts) / 1e9
+from benchlib import RssPeak, matmul_peak  # noqa: E402  (experiments/benchlib.py)
 
 
 def fmnist_configs(sparsities: Sequence[float], seeds: int, rounds: int) -> List[ExperimentConfig]:
@@ -196,11 +158,11 @@ def side_by_side(name: str, configs: Sequence[ExperimentConfig], peak: float,
                          "rounds": configs[0].rounds}
   with RssPeak() as rss:
     row["sweep"] = time_sweep(configs)
-  row["sweep"]["rss_peak_mb"] = rss.mb
+  row["sweep"]["rss_peak_mb"] = rss.peak_mb
   if sequential:
     with RssPeak() as rss:
       row["sequential"] = time_sequential(configs)
-    row["sequential"]["rss_peak_mb"] = rss.mb
+    row["sequential"]["rss_peak_mb"] = rss.peak_mb
     flops = row["sequential"]["flops_per_member_round"]
     for k in ("sweep", "sequential"):
       g = flops * row[k]["member_rounds_per_s"] / 1e9

@@ -231,12 +231,7 @@ class Examples:
 def load_examples(cfg: ExperimentConfig) -> Examples:
   """Loads the centralised data set of `cfg` once (what `data.build_federated_dataset`
   partitions)."""
-  synthetic = None
-  if cfg.dataset == "synthetic":
-    synthetic = data.SyntheticSpec(example_shape=cfg.synthetic_example_shape,
-                                   num_classes=cfg.synthetic_classes,
-                                   examples_per_client=cfg.synthetic_examples,
-                                   num_test=cfg.synthetic_test)
+  synthetic = train.synthetic_spec(cfg)
   raw = sources.load_raw(cfg.dataset, num_clients=cfg.num_clients, data_seed=cfg.data_seed,
                          data_dir=cfg.data_dir or None, spec=synthetic)
   mean, std = data.channel_stats(raw.train_x)

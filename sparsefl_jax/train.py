@@ -63,13 +63,18 @@ class Experiment:
   mesh: Any = None          # the client mesh when num_devices > 1
 
 
+def synthetic_spec(cfg: ExperimentConfig) -> Optional[data.SyntheticSpec]:
+  """The synthetic data `cfg` asks for (None for a real data set)."""
+  if cfg.dataset != "synthetic":
+    return None
+  return data.SyntheticSpec(example_shape=cfg.synthetic_example_shape,
+                            num_classes=cfg.synthetic_classes,
+                            examples_per_client=cfg.synthetic_examples,
+                            num_test=cfg.synthetic_test)
+
+
 def build_dataset(cfg: ExperimentConfig):
-  synthetic = None
-  if cfg.dataset == "synthetic":
-    synthetic = data.SyntheticSpec(example_shape=cfg.synthetic_example_shape,
-                                   num_classes=cfg.synthetic_classes,
-                                   examples_per_client=cfg.synthetic_examples,
-                                   num_test=cfg.synthetic_test)
+  synthetic = synthetic_spec(cfg)
   return data.build_federated_dataset(
       cfg.dataset, num_clients=cfg.num_clients, partition=cfg.partition, alpha=cfg.alpha,
       classes_per_client=cfg.classes_per_client, data_seed=cfg.data_seed,
