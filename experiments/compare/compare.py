@@ -34,21 +34,26 @@ import report  # noqa: E402  (experiments/compare/report.py)
 import run as run_script  # noqa: E402  (experiments/run.py: its flags -> ExperimentConfig)
 import sets  # noqa: E402
 
-flags.DEFINE_enum("set", None, list(sets.SETS), "Which paper's comparison to run.")
-flags.DEFINE_string("out", "", "Results folder (default experiments/results/compare_<set>).")
-flags.DEFINE_string("runs_dir", "runs/compare", "Where the members' run folders go.")
-flags.DEFINE_integer("rounds", 0, "Rounds per member; 0 = the set's (fedsparsify 200, "
-                     "sparsyfed 30).")
-flags.DEFINE_list("methods", [], "Member labels to run (default: all of the set).")
-flags.DEFINE_list("groups", [], "Group labels to run (sparsyfed: alpha0.1, alpha1.0).")
-flags.DEFINE_multi_string("override", [], "A run.py flag appended to every member's command "
-                          "(repeatable), e.g. --override=--local_epochs=1.")
-flags.DEFINE_integer("seeds", 1, "Seed replicas per method: replica s adds s to all four "
-                     "seeds. With N > 1 each method's replicas run together as one sweep "
-                     "(one jitted program, sparsefl_jax.sweep) in <method>/seed_offset=s, and "
-                     "the tables show mean ± std over the replicas.")
-flags.DEFINE_integer("sweep_chunk", 0, "Replicas run at once with --seeds > 1 (0 = all).")
-flags.DEFINE_bool("report_only", False, "Only rebuild the tables and plots from the runs.")
+def define_flags() -> None:
+  """The command's flags (defined only when it runs, so importing this module for its
+  helpers never clashes with another script's flags)."""
+  flags.DEFINE_enum("set", None, list(sets.SETS), "Which paper's comparison to run.")
+  flags.DEFINE_string("out", "", "Results folder (default experiments/results/compare_<set>).")
+  flags.DEFINE_string("runs_dir", "runs/compare", "Where the members' run folders go.")
+  flags.DEFINE_integer("rounds", 0, "Rounds per member; 0 = the set's (fedsparsify 200, "
+                       "sparsyfed 30).")
+  flags.DEFINE_list("methods", [], "Member labels to run (default: all of the set).")
+  flags.DEFINE_list("groups", [], "Group labels to run (sparsyfed: alpha0.1, alpha1.0).")
+  flags.DEFINE_multi_string("override", [], "A run.py flag appended to every member's command "
+                            "(repeatable), e.g. --override=--local_epochs=1.")
+  flags.DEFINE_integer("seeds", 1, "Seed replicas per method: replica s adds s to all four "
+                       "seeds. With N > 1 each method's replicas run together as one sweep "
+                       "(one jitted program, sparsefl_jax.sweep) in <method>/seed_offset=s, and "
+                       "the tables show mean ± std over the replicas.")
+  flags.DEFINE_integer("sweep_chunk", 0, "Replicas run at once with --seeds > 1 (0 = all).")
+  flags.DEFINE_bool("report_only", False, "Only rebuild the tables and plots from the runs.")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -218,5 +223,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("set")
   app.run(main)
