@@ -17,8 +17,8 @@ from pytest import approx
 
 from sparsefl_jax import train
 from sparsefl_jax.algorithms.base import Phase, Upload
-from sparsefl_jax.algorithms.flash import DST, FIXED, FLASH, HUNT, fresh_init, redistribute, \
-    truncate
+from sparsefl_jax.algorithms.flash import DST, FIXED, FLASH, HUNT, fresh_init, keep_largest, \
+    redistribute, truncate
 from sparsefl_jax.config import ConfigError, ExperimentConfig
 from sparsefl_jax.federated import client as client_lib
 from sparsefl_jax.federated.client import LocalStep
@@ -139,6 +139,24 @@ def test_readjustment_matches_the_codes_truncate_weights(densities, rate, adjust
         min(rate, (~ms[1]).mean()) * ms[1].sum())))
 
 
+def test_keep_largest_is_a_stable_sort_selection():
+  """Bisection + position tie-break == numpy's stable argsort of -score (ties, zeros,
+  counts beyond the candidates, 0 and negative counts)."""
+  keep = jax.jit(keep_largest)
+  rng = np.random.default_rng(7)
+  for trial in range(60):
+    shape = (5, 7)                                          # one compilation
+    score = np.abs(rng.normal(size=shape)).astype(np.float32)
+    if trial % 2:
+      score = np.round(score * 2) / 2                       # many ties, exact zeros
+    cand = rng.random(shape) < rng.random()
+    count = int(rng.integers(-1, score.size + 3))
+    idx = np.flatnonzero(cand)
+    want = np.zeros(score.size, bool)
+    want[idx[np.argsort(-score.ravel()[idx], kind="stable")][:max(count, 0)]] = True
+    np.testing.assert_array_equal(np.asarray(keep(score, cand, count)).ravel(), want)
+
+
 @pytest.mark.parametrize("growth,cap", [
     ([3.0, 50.0, 7.0, 1.0], [10.0, 4.0, 9.0, 100.0]),     # one layer over its cap
     ([30.0, 50.0, 7.0, 1.0], [10.0, 4.0, 9.0, 100.0]),    # two, and a cascade
@@ -166,45 +184,63 @@ def test_readjustment_schedule_follows_each_clients_batches():
 
   def fires(phase, batches, epochs, steps):
     a = algo.for_phase(phase)
-    return [(e, b, float(r)) for e in range(epochs) for b in range(steps)
-            for now, r, _ in [a.readjust_schedule(LocalStep(0, jnp.int32(e), jnp.int32(b)),
+    return [(e, b, float(r), int(s)) for e in range(epochs) for b in range(steps)
+            for now, r, s in [a.readjust_schedule(LocalStep(0, jnp.int32(e), jnp.int32(b)),
                                                   jnp.int32(batches))] if bool(now)]
-  # E = 3 (stage 1): after the last real batch of epochs 1 and 2; p·(T - s)/T.
-  assert fires(HUNT, 4, 3, 6) == [(0, 3, approx(0.25 * 8 / 12)), (1, 3, approx(0.25 * 4 / 12))]
-  assert fires(HUNT, 1, 3, 6) == [(0, 0, approx(0.25 * 2 / 3)), (1, 0, approx(0.25 * 1 / 3))]
+  # E = 3 (stage 1): after the last real batch of epochs 0 and 1 = before the first batch of
+  # epochs 1 and 2, after s = 4 and 8 of T = 12 steps; p·(T - s)/T.
+  assert fires(HUNT, 4, 3, 6) == [(1, 0, approx(0.25 * 8 / 12), 4),
+                                  (2, 0, approx(0.25 * 4 / 12), 8)]
+  assert fires(HUNT, 1, 3, 6) == [(1, 0, approx(0.25 * 2 / 3), 1),
+                                  (2, 0, approx(0.25 * 1 / 3), 2)]
   # E = 1 (JMWST's default): after batch nb // 2 (core.py: batch_idx == len(loader) // 2).
-  assert fires(DST, 5, 1, 8) == [(0, 2, approx(0.25 * 2 / 5))]
-  assert fires(DST, 1, 1, 8) == [(0, 0, 0.0)]
+  assert fires(DST, 5, 1, 8) == [(0, 2, approx(0.25 * 2 / 5), 3)]
+  assert fires(DST, 1, 1, 8) == [(0, 0, 0.0, 1)]
 
 
-def test_local_training_readjusts_at_each_clients_own_steps():
-  """Two clients of 10 and 23 examples (2 and 3 batches of 8; padded to 3), 3 epochs: each
-  readjusts after the last real batch of epochs 1 and 2 (n_k through `client_examples`) and
-  keeps its budget."""
-  epochs, readjustments = 3, 2
+@pytest.mark.parametrize("epochs", [3, 1])
+def test_client_training_equals_a_plain_loop_of_the_codes_steps(epochs):
+  """One client (13 examples, batch 8: 2 real batches, padded to 3) against a plain loop:
+  SGD on jax.grad of the batch loss, mask re-applied after each step, `truncate` after the
+  last batch of every epoch but the last (E = 1: after batch 2 // 2 = 1)."""
   model = get_model("mlp_small", 4)
-  x = jnp.asarray(RNG.normal(size=(2, 23, 8, 8, 1)), jnp.float32)
-  y = jnp.asarray(RNG.integers(0, 4, (2, 23)))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), x[0, :1])["params"]
-  algo, _ = FLASH(sparsity=0.7, init_epochs=epochs, batch_size=8).setup(params, ("fc1", "fc2"))
+  x = jnp.asarray(RNG.normal(size=(23, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(RNG.integers(0, 4, (23,)))
+  n, bsz, lr = 13, 8, 0.5
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])["params"]
+  algo, _ = FLASH(sparsity=0.6, init_epochs=epochs, batch_size=bsz).setup(params, ("fc1", "fc2"))
   params, state = jax.jit(lambda p, k: algo.init_from_data(p, algo.init_state(p), None, k))(
       params, jax.random.PRNGKey(1))
-  hunt = algo.for_phase(HUNT)
-  cfg = client_lib.LocalConfig(epochs, 8, 23)
+  hunt, cfg, key = algo.for_phase(HUNT), client_lib.LocalConfig(epochs, bsz, 23), \
+      jax.random.PRNGKey(2)
+  got = jax.jit(lambda: client_lib.local_train(
+      hunt, model, lambda v, k, t: v, cfg, lambda: client_optimizer(lr), params, {}, state, x,
+      y, jnp.int32(n), key, jnp.int32(1)))()
 
-  def run(xc, yc, n):
-    return client_lib.local_train(hunt, model, lambda v, k, t: v, cfg,
-                                  lambda: client_optimizer(0.1), params, {}, state, xc, yc, n,
-                                  jax.random.PRNGKey(2), jnp.int32(1))
-  res = jax.jit(lambda *a: jax.lax.map(lambda b: run(*b), a))(x, y, jnp.asarray([10, 23]))
-  np.testing.assert_array_equal(np.asarray(res.client_state.adj_count), [readjustments] * 2)
-  np.testing.assert_array_equal(np.asarray(res.client_state.batches), [2, 3])
-  budget = 0.3 * sum(algo.sizes(params))
-  for c in range(2):
-    masks = hunt.pruned_leaves(jax.tree.map(lambda m: m[c], res.client_state.mask))
-    assert abs(sum(int(m.sum()) for m in masks) - budget) <= 0.05 * budget
-    for w, m in zip(hunt.pruned_leaves(jax.tree.map(lambda v: v[c], res.params)), masks):
-      assert not np.asarray(w)[~np.asarray(m)].any()     # weights stay inside the mask
+  order_key, _, init_key = jax.random.split(key, 3)
+  orders = np.asarray(client_lib.epoch_orders(order_key, jnp.int32(n), cfg))
+  grad = jax.jit(jax.grad(lambda p, xb, yb, wb: jnp.sum(client_lib.cross_entropy(
+      model.apply({"params": p}, xb), yb) * wb) / jnp.sum(wb)))
+  trunc = jax.jit(truncate)
+  w, mask, extra = params, state.mask, (0.0, 0.0, 0)
+  nb, steps = 2, 0
+  for e in range(epochs):
+    for b in range(nb):
+      idx = orders[e, b * bsz:(b + 1) * bsz]
+      wb = ((b * bsz + np.arange(bsz)) < n).astype(np.float32)
+      g = grad(w, x[idx], y[idx], wb)
+      w = jax.tree.map(lambda p, d, m: jnp.where(m, p - lr * jnp.where(m, d, 0), 0), w, g, mask)
+      steps += 1
+      if (epochs > 1 and b == nb - 1 and e < epochs - 1) or (epochs == 1 and b == nb // 2):
+        out = trunc(hunt.pruned_leaves(w), hunt.pruned_leaves(mask),
+                    np.float32(0.25 * (epochs * nb - steps) / (epochs * nb)), *extra,
+                    np.float32(0.4 * sum(hunt.sizes(w))), jax.random.fold_in(init_key, steps))
+        mask = hunt.with_pruned(mask, out.masks)
+        w = jax.tree.map(lambda p, m: jnp.where(m, p, 0), w, mask)
+        extra = (out.adjusted, out.adj_sum, out.adj_count)
+  assert int(got.client_state.adj_count) == int(extra[2]) == (epochs - 1 if epochs > 1 else 1)
+  chex.assert_trees_all_equal(got.client_state.mask, mask)
+  chex.assert_trees_all_close(got.params, w, rtol=1e-5, atol=1e-6)
 
 
 # ---- stage 1: rescaled layer densities, fresh model, random mask ---------------------------
