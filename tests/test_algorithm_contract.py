@@ -117,18 +117,20 @@ def test_method_in_a_user_file_runs_through_run_py(tmp_path):
 # ---- capabilities ---------------------------------------------------------------------------
 def test_capabilities_name_the_methods_the_old_lists_named():
   """The class attributes reproduce the name lists config.validate used to hard-code (plus
-  the methods added since: SNIP, FedDST, GraSP, Random, update Top-K, OneShot and PruneFL
-  sparsify, unstructured only)."""
+  the methods added since: SNIP, FedDST, GraSP, Random, update Top-K, OneShot, PruneFL and
+  FLASH sparsify, unstructured only; FLASH reads --sparse_layers and binds its pruned layers
+  in setup)."""
   assert set(algorithms.with_capability("sparse")) == {
       "swat", "zerofl", "fedsparsify_global", "fedsparsify_local", "sparsyfed", "topk",
-      "snip", "feddst", "grasp", "random_prune", "topk_delta", "oneshot", "prunefl"}
+      "snip", "feddst", "grasp", "random_prune", "topk_delta", "oneshot", "prunefl", "flash"}
   assert set(algorithms.with_capability("supports_block")) == {
       "swat", "zerofl", "topk", "sparsyfed", "fedsparsify_global", "fedsparsify_local"}
   assert set(algorithms.with_capability("supports_pallas")) == {"swat", "zerofl"}
-  assert set(algorithms.with_capability("reads_sparse_layers")) == {"swat", "zerofl"}
+  assert set(algorithms.with_capability("reads_sparse_layers")) == {"swat", "zerofl", "flash"}
   assert set(algorithms.with_capability("rounds_fixed_reason")) == {
       "fedsparsify_global", "fedsparsify_local", "random_prune", "oneshot"}
-  assert set(algorithms.with_capability("needs_setup")) == {"swat", "zerofl", "sparsyfed"}
+  assert set(algorithms.with_capability("needs_setup")) == {"swat", "zerofl", "sparsyfed",
+                                                            "flash"}
 
 
 def test_a_user_method_declares_its_capabilities(monkeypatch):

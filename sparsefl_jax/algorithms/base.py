@@ -5,6 +5,7 @@ The engine (`sparsefl_jax.federated.round`) calls the hooks in this order each r
   server: broadcast(params, algo_state, t)                  -> what every sampled client receives
           client_context(global, algo_state, t)             -> what clients see of the server state
   client: client_init(global, context, t, key)              -> client_state (masks, thresholds, ...)
+          client_examples(client_state, n_k)                 -> e.g. the client's batches per epoch
           for each local step (inside lax.scan):
             forward(...) + local_loss(...)                   -> loss; grads
             local_update(grads, params, opt_state,
@@ -302,6 +303,19 @@ class Algorithm:
                   key: PRNGKey) -> ClientState:
     del global_params, algo_state, t, key
     return ()
+
+  def client_examples(self, client_state: ClientState, num_examples: jax.Array
+                      ) -> ClientState:
+    """Hands the client state this client's number of training examples n_k (an int32 scalar,
+    batched under the client map); runs once, right after `client_init`.
+
+    For a method that acts at a client's own place in its schedule, e.g. after its last real
+    batch of an epoch (ceil(n_k / B) batches; the padded steps after it change nothing), as
+    FLASH's dynamic sparse training does. A predicate on it is batched: under vmap a
+    `lax.cond` on it computes both branches. Default: the state unchanged.
+    """
+    del num_examples
+    return client_state
 
   def forward(self, model, params: Params, model_state: PyTree, x: jax.Array, *, train: bool,
               example_mask: Optional[jax.Array], rngs: Optional[Dict[str, PRNGKey]],

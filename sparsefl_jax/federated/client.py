@@ -155,7 +155,8 @@ def init_client(algorithm: Algorithm, cfg: LocalConfig,
   """The first carry, the epochs' example orders and the step key of one client."""
   order_key, step_key, init_key = jax.random.split(key, 3)
   orders = epoch_orders(order_key, num_examples, cfg)
-  client_state = algorithm.client_init(global_params, algo_state, t, init_key)
+  client_state = algorithm.client_examples(
+      algorithm.client_init(global_params, algo_state, t, init_key), num_examples)
   carry = StepCarry(global_params, optimizer.init(global_params), model_state, client_state,
                     jnp.zeros((), jnp.float32))
   return carry, orders, step_key
