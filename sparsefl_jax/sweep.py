@@ -51,8 +51,6 @@ from sparsefl_jax.checkpoint import CheckpointError, Checkpointer
 from sparsefl_jax.config import SEED_FIELDS, ConfigError, ExperimentConfig, config_to_json
 from sparsefl_jax.data import partition as partition_lib
 from sparsefl_jax.data import preprocess, sources
-from sparsefl_jax.federated import client as client_lib
-from sparsefl_jax.federated import client_map as client_map_lib
 from sparsefl_jax.federated import evaluation, optimizers, probe
 from sparsefl_jax.federated import round as round_lib
 from sparsefl_jax.federated.state import ClientData, ServerState
@@ -352,15 +350,7 @@ def build_member(cfg: ExperimentConfig, examples: Examples, width: int) -> Membe
         jax.random.fold_in(init_key, train.DATA_INIT_TAG))
   state = round_lib.init_server_state(algorithm, params, model_state, server_opt,
                                       sampling_key, algo_state=algo_state)
-  rcfg = round_lib.RoundConfig(
-      num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
-      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, width),
-      lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end,
-                                              cfg.lr_horizon or cfg.rounds),
-      momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-      client_map=client_map_lib.resolve_client_map(cfg.client_map, params,
-                                                   jax.default_backend()),
-      client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding)
+  rcfg = train.round_config(cfg, cfg.num_clients, width, params)
   train_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), train.TRAINING_STREAM)
   phases = tuple(algorithm.round_phase(t) for t in range(1, cfg.rounds + 1))
   return Member(cfg, (algorithm, op, rcfg, spec), model, jax.device_get(state),

@@ -73,6 +73,21 @@ def synthetic_spec(cfg: ExperimentConfig) -> Optional[data.SyntheticSpec]:
                             num_test=cfg.synthetic_test)
 
 
+def round_config(cfg: ExperimentConfig, num_clients: int, max_examples: int, params: Any
+                 ) -> round_lib.RoundConfig:
+  """The static round description of `cfg` (one definition for runs and sweep members)."""
+  return round_lib.RoundConfig(
+      num_clients=num_clients, clients_per_round=cfg.clients_per_round,
+      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, max_examples),
+      lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end,
+                                              cfg.lr_horizon or cfg.rounds),
+      momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+      client_map=client_map_lib.resolve_client_map(cfg.client_map, params,
+                                                   jax.default_backend()),
+      client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding,
+      num_devices=cfg.num_devices, mask_metrics=cfg.mask_metrics)
+
+
 def build_dataset(cfg: ExperimentConfig):
   synthetic = synthetic_spec(cfg)
   return data.build_federated_dataset(
@@ -194,16 +209,7 @@ def build_experiment(cfg: ExperimentConfig, dataset=None, client_source=None) ->
         cfg.batch_size, probe_key)
   state = round_lib.init_server_state(algorithm, params, model_state, server_opt,
                                       sampling_key, algo_state=algo_state)
-  round_cfg = round_lib.RoundConfig(
-      num_clients=num_clients, clients_per_round=cfg.clients_per_round,
-      local=client_lib.LocalConfig(cfg.local_epochs, cfg.batch_size, max_examples),
-      lr_schedule=optimizers.ClientLRSchedule(cfg.lr, cfg.lr_schedule, cfg.lr_end,
-                                              cfg.lr_horizon or cfg.rounds),
-      momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-      client_map=client_map_lib.resolve_client_map(cfg.client_map, params,
-                                                   jax.default_backend()),
-      client_chunk_size=cfg.client_chunk_size, comm_encoding=cfg.comm_encoding,
-      num_devices=cfg.num_devices, mask_metrics=cfg.mask_metrics)
+  round_cfg = round_config(cfg, num_clients, max_examples, params)
   mesh = round_lib.round_mesh(round_cfg)
   step = PhasedRoundStep(algorithm, lambda algo, rcfg: round_lib.jit_round_step(
       round_lib.build_round_step(algo, model, batch_fn, rcfg, server_opt,
