@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsefl_jax import algorithms, data, guard, models, preflight, traceable, train
+from sparsefl_jax.algorithms.base import INIT_ONLY
 from sparsefl_jax.checkpoint import CheckpointError, Checkpointer
 from sparsefl_jax.config import SEED_FIELDS, ConfigError, ExperimentConfig, config_to_json
 from sparsefl_jax.data import partition as partition_lib
@@ -117,10 +118,13 @@ class ServerOptSpec:
 
 def _leaves(obj: Any, path: Tuple = ()) -> List[Tuple[Tuple, Any]]:
   """(path, leaf) of a tree of dataclasses, tuples, lists and dicts (paths: field names,
-  indices, keys)."""
+  indices, keys). Fields declared with `algorithms.init_only_field` are left out: they shape
+  only a member's own initial state, never the shared round."""
   if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
     out = []
     for f in dataclasses.fields(obj):
+      if f.metadata.get(INIT_ONLY):
+        continue
       out += _leaves(getattr(obj, f.name), path + (f.name,))
     return out
   if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):

@@ -5,8 +5,8 @@ Reference: `train.build_experiment` + its jitted round, run alone for each membe
 (different LDA draws) and a traced hyperparameter, so every mechanism of the sweep is used:
 vmapped keys and states, per-member index maps, traced values rebuilt into the algorithm.
 Measured on this CPU (jax 0.10.2): training, parameters and every metric bit-identical for
-FedAvg (seeds, partition, lr), FedSparsify-Global (sparsity), ZeroFL (sparsity, mask_ratio)
-and SparsyFed when only the sparsity is traced; `test_loss` within 2 float32 ulps (the
+FedAvg (seeds, partition, lr), FedSparsify-Global and Random (sparsity), ZeroFL (sparsity,
+mask_ratio) and SparsyFed when only the sparsity is traced; `test_loss` within 2 float32 ulps (the
 vmapped evaluation sums the batch losses in another order: compared to 1e-6 relative). A
 traced SparsyFed β is not bitwise: the Powerprop power |v|^β with β a run-time operand
 instead of a compile-time constant moves the parameters by up to 5.3e-7 relative after 2
@@ -34,6 +34,9 @@ CASES = {
                                values=[dict(sparsity=0.5), dict(sparsity=0.8)]),
     "zerofl": dict(algorithm="zerofl", values=[dict(sparsity=0.5, mask_ratio=0.1),
                                                dict(sparsity=0.8, mask_ratio=0.2)]),
+    # The permutation comes from each member's own init seed (an init-only field).
+    "random_prune": dict(algorithm="random_prune",
+                         values=[dict(sparsity=0.5), dict(sparsity=0.8)]),
     "sparsyfed": dict(algorithm="sparsyfed", values=[dict(sparsity=0.5), dict(sparsity=0.8)]),
     "sparsyfed_beta": dict(algorithm="sparsyfed", values=[dict(sparsity=0.8, beta=1.25),
                                                           dict(sparsity=0.8, beta=1.5)],

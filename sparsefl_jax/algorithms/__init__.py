@@ -11,7 +11,7 @@ import os
 import pkgutil
 from typing import Dict, Tuple, Type
 
-from sparsefl_jax.algorithms.base import Algorithm, Phase, Upload
+from sparsefl_jax.algorithms.base import Algorithm, Phase, Upload, init_only_field
 from sparsefl_jax.algorithms.fedadam import FedAdam
 from sparsefl_jax.algorithms.fedavg import FedAvg
 from sparsefl_jax.algorithms.fedprox import FedProx
@@ -118,5 +118,5 @@ def get_algorithm(name: str, config=None) -> Algorithm:
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "FedAdam", "FedAvg", "FedProx", "Hyper", "Phase",
-           "Upload", "algorithm_class", "descriptions", "get_algorithm", "names",
+           "Upload", "algorithm_class", "init_only_field", "descriptions", "get_algorithm", "names",
            "register_algorithm", "with_capability"]

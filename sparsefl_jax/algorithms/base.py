@@ -67,6 +67,20 @@ class Upload(NamedTuple):
   extras: Optional[PyTree] = None
 
 
+INIT_ONLY = "init_only"   # dataclass field metadata key, see `init_only_field`
+
+
+def init_only_field(default: Any) -> Any:
+  """A field an algorithm reads only while building its initial state (`init_state`,
+  `init_params`), never inside the round, e.g. a seed that draws a fixed permutation.
+
+  Members of a sweep may differ in such a field: each member's state is built with its own
+  value, and the shared round never reads it (`sparsefl_jax.sweep` skips these fields when
+  it checks that the members' algorithms are equal).
+  """
+  return dataclasses.field(default=default, metadata={INIT_ONLY: True})
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """How the rounds of one phase differ from the run's settings (None = as configured).

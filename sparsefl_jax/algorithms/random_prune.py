@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsefl_jax.algorithms.base import init_only_field
 from sparsefl_jax.algorithms.fedsparsify import FedSparsifyGlobal, schedule_from_config
 from sparsefl_jax.config import ConfigError
 from sparsefl_jax.sparsity import masks as masks_lib
@@ -84,9 +85,10 @@ class RandomPrune(FedSparsifyGlobal):
   """FedSparsify-Global's schedule; the pruned set is a prefix of one random permutation.
 
   Attributes:
-    init_seed: the run's --init_seed; the permutation's key is derived from it.
+    init_seed: the run's --init_seed; the permutation's key is derived from it. Read only
+      by `init_state` (the ranks live in the state), so a sweep's members may differ in it.
   """
-  init_seed: int = 0
+  init_seed: int = init_only_field(0)
 
   name = "random_prune"
   description = ("Random: FedSparsify-Global's Eq. 1 schedule, pruning the first "
