@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 import run  # noqa: E402  (run.py: the base flags, their parsing and the one-line errors)
+from sparsefl_jax import distributed  # noqa: E402
 from sparsefl_jax.config import SEED_FIELDS, ConfigError, ExperimentConfig  # noqa: E402
 
 NOT_SWEPT = ("workdir", "resume", "flagfile")
@@ -125,6 +126,15 @@ def main(argv) -> None:
     signal.signal(sig, run._signal_before_training)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  try:   # the process flags run.py defines: a sweep is one process for now (BUILD.md)
+    fv = flags.FLAGS
+    several = distributed.resolve(fv.coordinator_address, fv.num_processes, fv.process_id)
+  except ValueError as e:
+    run._fail(" ".join(str(e).split()))
+  if several and several["num_processes"] > 1:
+    run._fail(f"num_processes={several['num_processes']}: sweep.py runs in one process "
+              "(its members are its parallelism); accepted: 1, or start one sweep.py per "
+              "machine with disjoint --sweep values and its own --workdir")
   from sparsefl_jax import sweep
   from sparsefl_jax.guard import DIVERGED_EXIT
   from sparsefl_jax.metrics import write_json_atomic

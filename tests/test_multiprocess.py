@@ -235,3 +235,17 @@ def test_bad_process_settings_are_one_line(tmp_path):
   assert distributed.resolve("", 0, -1) is None or os.environ.get("JAX_COORDINATOR_ADDRESS")
   assert distributed.resolve("127.0.0.1:99", 2, 1) == dict(
       coordinator_address="127.0.0.1:99", num_processes=2, process_id=1)
+
+
+def test_sweep_py_refuses_several_processes_in_one_line(tmp_path):
+  """sweep.py is one process: the process flags run.py defines are refused, not ignored."""
+  import subprocess
+  out = subprocess.run([sys.executable, "experiments/sweep.py", "--dataset=synthetic",
+                        "--sweep=sparsity=0.5,0.8", f"--workdir={tmp_path / 'w'}",
+                        "--coordinator_address=127.0.0.1:1", "--num_processes=2",
+                        "--process_id=0"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: num_processes=2: sweep.py runs in one process")
+  assert not os.path.exists(tmp_path / "w")

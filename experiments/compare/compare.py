@@ -125,7 +125,9 @@ def main(argv) -> None:
     _fail(str(e))
   out = FLAGS.out or os.path.join(ROOT, "experiments", "results", f"compare_{cset.name}")
   runs_root = os.path.join(FLAGS.runs_dir, cset.name)
-  command = "python experiments/compare/compare.py " + " ".join(sys.argv[1:])
+  # The command that produces the runs (a --report_only rebuild reads the same runs).
+  command = "python experiments/compare/compare.py " + " ".join(
+      a for a in sys.argv[1:] if a not in ("--report_only", "--report_only=true"))
   members = [m for m in cset.members if m.label in labels]
   plan = []   # (group label, member, workdir, argv)
   for group, group_flags in cset.groups:
@@ -194,10 +196,10 @@ def write_report(cset: sets.ComparisonSet, plan, rounds: int, out: str, command:
         for f in ("config.json", "metrics.jsonl"):
           shutil.copyfile(os.path.join(d, f), os.path.join(keep, f))
       if cset.table == "sparsyfed":
-        heat = report.iou_heatmap(dirs[0], os.path.join(out, f"{prefix}iou_{m.label}.png"),
-                                  title=f"{m.title}: IoU of global masks")
-        if heat:
-          s["iou_heatmap"] = os.path.basename(heat)
+        drawn = os.path.join(out, f"{prefix}iou_{m.label}.png")
+        heat = report.iou_heatmap(dirs[0], drawn, title=f"{m.title}: IoU of global masks")
+        if heat or os.path.exists(drawn):   # a rebuild without the masks keeps the drawn map
+          s["iou_heatmap"] = os.path.basename(heat or drawn)
     lines += [f"## {group}" if group else "## Results", "", report.table(cset.table, entries)]
     for path in report.curves(runs, out, prefix, cset.title.split(" (")[0] +
                               (f", {group}" if group else "")):

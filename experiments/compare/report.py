@@ -6,7 +6,8 @@ Columns (one row per member):
   uplink + K·downlink non-zeros, summed over rounds, millions) and the §7.2 cost in Mbit
   (32 bits per transmitted value + 1 bit per entry of every uploaded mask).
 * sparsyfed: final test accuracy and its last-5 mean, mean per-round regrowth (parameters a
-  client turns from zero to non-zero, mean over clients, then over rounds), final global
+  client turns from zero to non-zero, mean over clients, then over rounds 2..T: round 1
+  also counts the zero-initialised biases every method's training makes non-zero), final global
   density, mean IoU of consecutive global masks (rounds 2..T), cumulative uplink and downlink
   MB under the run's encoding (CSR for SparsyFed's settings).
 """
@@ -41,7 +42,7 @@ def summary(run: Dict[str, Any]) -> Dict[str, Any]:
   rows = run["rows"]
   last = rows[-1]
   accs = _evaluated(rows)
-  regrowth = [r["regrowth"] for r in rows if "regrowth" in r]
+  regrowth = [r["regrowth"] for r in rows[1:] if "regrowth" in r]
   iou = [r["mask_iou"] for r in rows[1:] if "mask_iou" in r]
   return {
       "rounds": last["round"], "planned": run["config"]["rounds"],
