@@ -22,6 +22,14 @@ Flags of its own:
   --resume                 continues every member from its latest checkpoint (members already
                            finished are only reported)
 
+Several processes (`--coordinator_address`, `--num_processes`, `--process_id`, or JAX's
+environment variables; on one machine `python -m sparsefl_jax.launch --num_processes=N --
+experiments/sweep.py ...`): each chunk's members are split over every process's devices
+(one SPMD program; members are independent, so the round needs no collective), so a chunk's
+member count must be a multiple of the device count. Process 0 writes every file; orbax
+saves the checkpoints collectively, as for `run.py`, so `--workdir` must be on a file system
+all processes see.
+
 Exit statuses: 0 done, 2 bad setting / busy workdir, 3 a member diverged (the others ran to
 the end), 130/143 stopped by SIGINT/SIGTERM (every member checkpointed; rerun with --resume).
 """
@@ -126,15 +134,10 @@ def main(argv) -> None:
     signal.signal(sig, run._signal_before_training)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  try:   # the process flags run.py defines: a sweep is one process for now (BUILD.md)
-    fv = flags.FLAGS
-    several = distributed.resolve(fv.coordinator_address, fv.num_processes, fv.process_id)
+  try:   # several processes: jax.distributed before any other JAX call
+    distributed.initialize_from_flags()
   except ValueError as e:
     run._fail(" ".join(str(e).split()))
-  if several and several["num_processes"] > 1:
-    run._fail(f"num_processes={several['num_processes']}: sweep.py runs in one process "
-              "(its members are its parallelism); accepted: 1, or start one sweep.py per "
-              "machine with disjoint --sweep values and its own --workdir")
   from sparsefl_jax import sweep
   from sparsefl_jax.guard import DIVERGED_EXIT
   from sparsefl_jax.metrics import write_json_atomic
@@ -148,18 +151,21 @@ def main(argv) -> None:
     root = base.workdir
     configs, names = member_configs(base, overrides, root)
     os.makedirs(root, exist_ok=True)
-    with WorkdirLock(root):
-      write_json_atomic(os.path.join(root, sweep.SWEEP_JSON), {
-          "axes": {n: v for n, v in axes}, "mode": FLAGS.sweep_mode, "seeds": FLAGS.seeds,
-          "sweep_chunk": FLAGS.sweep_chunk,
-          "members": [{"name": n, "overrides": o, "workdir": c.workdir}
-                      for n, o, c in zip(names, overrides, configs)]})
+    with WorkdirLock(root, distributed.lock_name()):
+      if distributed.is_lead():   # several processes: process 0 writes the files
+        write_json_atomic(os.path.join(root, sweep.SWEEP_JSON), {
+            "axes": {n: v for n, v in axes}, "mode": FLAGS.sweep_mode, "seeds": FLAGS.seeds,
+            "sweep_chunk": FLAGS.sweep_chunk,
+            "members": [{"name": n, "overrides": o, "workdir": c.workdir}
+                        for n, o, c in zip(names, overrides, configs)]})
       results = sweep.run_sweep(configs, chunk=FLAGS.sweep_chunk, names=names,
                                 summary_dir=root)
   except ValueError as e:   # ConfigError and data/model errors: one line, exit 2
     run._fail(" ".join(str(e).split()))
   except RunInterrupted as e:
     run._fail(str(e), e.exit_code)
+  if not distributed.is_lead():   # process 0 prints (and wrote) the sweep's summary
+    sys.exit(DIVERGED_EXIT if any(r["status"] == "diverged" for r in results) else 0)
   with open(os.path.join(root, sweep.SUMMARY_MD)) as f:
     print(f.read(), end="")
   diverged = [r for r in results if r["status"] == "diverged"]

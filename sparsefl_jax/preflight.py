@@ -20,8 +20,11 @@ CONV_MODELS = ("small_cnn", "leaf_cnn", "cifar_cnn", "resnet18", "vgg16")
 BYTES_PER_SLOT = 20
 
 
-def check_before_data(cfg: ExperimentConfig) -> None:
-  """Names, devices, data_dir and a memory lower bound; raises ConfigError (one line)."""
+def check_before_data(cfg: ExperimentConfig, spans_processes: bool = True) -> None:
+  """Names, devices, data_dir and a memory lower bound; raises ConfigError (one line).
+
+  `spans_processes=False`: the run is not one mesh over every process (a sweep's members
+  are spread over the processes instead), so --num_devices need not span them."""
   from sparsefl_jax import algorithms, models
   from sparsefl_jax.data import sources
   algorithms.algorithm_class(cfg.algorithm)   # ConfigError naming the accepted values
@@ -44,7 +47,8 @@ def check_before_data(cfg: ExperimentConfig) -> None:
                       f"--xla_force_host_platform_device_count={cfg.num_devices}")
   from sparsefl_jax.federated import sharding
   try:   # several processes: the mesh takes the same number of devices from each
-    sharding.check_processes(cfg.num_devices)
+    if spans_processes:
+      sharding.check_processes(cfg.num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check_memory(cfg, min_client_examples(cfg))

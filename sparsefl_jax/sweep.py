@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsefl_jax import algorithms, data, guard, models, preflight, traceable, train
+from sparsefl_jax import (algorithms, data, distributed, guard, models, preflight, traceable,
+                          train)
 from sparsefl_jax.algorithms.base import INIT_ONLY
 from sparsefl_jax.checkpoint import CheckpointError, Checkpointer
 from sparsefl_jax.config import SEED_FIELDS, ConfigError, ExperimentConfig, config_to_json
@@ -545,10 +546,58 @@ def materialize(members: Sequence[Member], program: SweepProgram, examples: Exam
                 stack_states([m.init_state for m in members]),
                 jnp.asarray(np.stack([m.train_key for m in members])),
                 [jnp.asarray(v) for v in program.hyper_values(members)], test)
+  if jax.process_count() > 1:   # the member axis over every process's devices
+    sweep = dataclasses.replace(
+        sweep, data=SweepData(replicated(sweep_data.pool_x), replicated(sweep_data.pool_y),
+                              by_member(sweep_data.index), by_member(sweep_data.counts)),
+        init_state=place_state(sweep.init_state), train_keys=by_member(sweep.train_keys),
+        hp=[by_member(v) for v in sweep.hp], test_batches=tuple(
+            replicated(b) for b in test))
   if not program.checked:
     program.check(sweep)
     program.checked = True
   return sweep
+
+
+# ---- several processes: the member axis sharded over all devices -------------------------------
+# Members are independent, so the vmapped round partitions along the member axis with no
+# collective; every process builds every member (same seeds, same host arrays) and places its
+# own block. Outputs are read back with an all-gather, so every process sees every member and
+# the decisions taken on them agree; process 0 writes the files.
+
+def member_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh 'members' over every device of every process, in process order."""
+  return jax.sharding.Mesh(np.array(jax.devices()), ("members",))
+
+
+def _global(x: Any, spec: Any) -> jax.Array:
+  host = np.asarray(x)
+  sharding = jax.sharding.NamedSharding(member_mesh(), spec)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def by_member(x: Any) -> jax.Array:
+  """`x` (leading member axis) split over the member mesh."""
+  return _global(x, jax.sharding.PartitionSpec("members"))
+
+
+def replicated(x: Any) -> jax.Array:
+  """`x` on every device of the member mesh."""
+  return _global(x, jax.sharding.PartitionSpec())
+
+
+def place_state(state: ServerState) -> ServerState:
+  """A stacked ServerState on the member mesh (the shared round counter replicated)."""
+  return state._replace(round=replicated(state.round), **{
+      f: jax.tree.map(by_member, getattr(state, f)) for f in ServerState._fields if f != "round"})
+
+
+def fetch(tree: Any) -> Any:
+  """Host values of (possibly process-spanning) arrays: every process gets all members."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def offset_seeds(cfg: ExperimentConfig, offset: int) -> ExperimentConfig:
@@ -616,8 +665,8 @@ def run_sweep(configs: Sequence[ExperimentConfig], *, chunk: int = 0,
   if len(set(dirs)) != len(dirs):
     twice = sorted({d for d in dirs if dirs.count(d) > 1})
     raise ConfigError(f"sweep members share workdir {twice[0]!r}; give each its own")
-  for c in configs:
-    preflight.check_before_data(c)
+  for c in configs:   # several processes: the members, not one run, span them
+    preflight.check_before_data(c, spans_processes=False)
   cache = examples_cache if examples_cache is not None else {}
   results: Dict[int, Dict[str, Any]] = {}
   stop = StopRequest().install()
@@ -626,7 +675,7 @@ def run_sweep(configs: Sequence[ExperimentConfig], *, chunk: int = 0,
       _run_group([configs[i] for i in group], group, chunk, max_rounds, stop, cache, results)
   finally:
     stop.restore()
-    if summary_dir:
+    if summary_dir and jax.process_index() == 0:
       write_summary(summary_dir, [dict(results.get(i, {}), name=names[i]) for i in
                                   range(len(configs))], configs)
   return [dict(results[i], name=names[i]) for i in range(len(configs))]
@@ -660,10 +709,16 @@ def _run_group(configs, indices, chunk, max_rounds, stop, cache, results) -> Non
   by_start: Dict[int, List[int]] = {}
   for j, s in enumerate(starts):
     by_start.setdefault(s, []).append(j)
+  devices = jax.device_count() if jax.process_count() > 1 else 1
   for s, js in sorted(by_start.items()):
     size = chunk or len(js)
     for k in range(0, len(js), size):
       part = js[k:k + size]
+      if len(part) % devices:
+        raise ConfigError(
+            f"a chunk of {len(part)} sweep members cannot be split over the {devices} devices "
+            f"of {jax.process_count()} processes; accepted: members (or --sweep_chunk) "
+            f"a multiple of {devices} in every group")
       rows = _run_chunk([built[j] for j in part], program, examples, max_rounds, stop)
       for j, r in zip(part, rows):
         results[indices[j]] = r
@@ -671,7 +726,9 @@ def _run_group(configs, indices, chunk, max_rounds, stop, cache, results) -> Non
 
 def _latest_round(cfg: ExperimentConfig) -> int:
   ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  # Several processes: the same answer everywhere (opening a Checkpointer is collective, and
+  # another process may just have created the folder).
+  if not distributed.any_process(os.path.isdir(ckpt_dir)):
     return 0
   ckpt = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints)
   try:
@@ -686,7 +743,7 @@ def _open_outputs(members: Sequence[Member]) -> List[_Output]:
     for m in members:
       cfg = m.config
       train._prepare_workdir(cfg)
-      lock = WorkdirLock(cfg.workdir).acquire()
+      lock = WorkdirLock(cfg.workdir, distributed.lock_name()).acquire()
       ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
       outs.append(_Output(cfg, lock, ckpt, MetricsWriter(os.path.join(cfg.workdir,
                                                                       "metrics.jsonl")),
@@ -709,6 +766,7 @@ def _restore(members: Sequence[Member], outs: Sequence[_Output]) -> List[ServerS
   """Each member's state to start from: all at one common round (the newest round every
   member can restore; 0 = fresh). Checkpoints past it are dropped (they are re-made, bit for
   bit the same training)."""
+  lead = jax.process_index() == 0
   for m, o in zip(members, outs):
     cfg, latest = m.config, o.ckpt.latest_round()
     config_path = os.path.join(cfg.workdir, "config.json")
@@ -737,15 +795,18 @@ def _restore(members: Sequence[Member], outs: Sequence[_Output]) -> List[ServerS
       if r > common:   # re-made by this run, bit for bit (a member ahead of the others)
         o.ckpt._manager.delete(r)   # pylint: disable=protected-access
     if common:
-      kept = o.writer.truncate_after(common)
+      kept = (o.writer.truncate_after(common) if lead else
+              [r for r in read_metrics(o.writer.path, tolerate_partial_last=True)
+               if r.get("round", 0) <= common])
       if saved.get("legacy"):   # a checkpoint from before counters were saved with it
         saved = {n: sum(r.get(col, 0) for r in kept)
                  for n, col in train.CUMULATIVE_FIELDS.items()}
       o.counters.update({k: v for k, v in saved.items() if k in o.counters})
       o.row = kept[-1] if kept else {}
       logging.info("%s: resumed from round %d", o.config.workdir, common)
-    elif os.path.exists(o.writer.path):
+    elif lead and os.path.exists(o.writer.path):
       os.remove(o.writer.path)
+  distributed.barrier("sparsefl_sweep_restored")   # no process reads a file being rewritten
   return [jax.tree.map(np.asarray, s) for s in states]
 
 
@@ -755,6 +816,8 @@ def _run_chunk(members: Sequence[Member], program: SweepProgram, examples: Examp
   try:
     states = _restore(members, outs)
     for m, o in zip(members, outs):
+      if jax.process_index() != 0:   # several processes: process 0 writes the files
+        continue
       write_json_atomic(os.path.join(m.config.workdir, "config.json"), config_to_json(m.config))
       if m.config.plot_partition:
         from sparsefl_jax import plots
@@ -768,12 +831,13 @@ def _run_chunk(members: Sequence[Member], program: SweepProgram, examples: Examp
     rounds = members[0].config.rounds
     last = rounds if max_rounds is None else min(rounds, start + max_rounds)
     for o in outs:
-      o.tb = make_writer(o.config.workdir, o.config.tensorboard, start + 1)
+      o.tb = make_writer(o.config.workdir, o.config.tensorboard and jax.process_index() == 0,
+                         start + 1)
       if start >= rounds:
         o.status = "done"
     state = stack_states(states)
     progress = Progress(rounds, members[0].config.progress_every,
-                        enabled=members[0].config.progress)
+                        enabled=members[0].config.progress and jax.process_index() == 0)
     try:
       _sweep_rounds(sweep, state, start + 1, last, outs, stop, progress)
     finally:
@@ -795,8 +859,9 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
                   outs: Sequence[_Output], stop: StopRequest, progress: Progress) -> None:
   """Rounds first..last of a chunk: one sweep step, then each member's row, guard, eval,
   masks and checkpoint exactly as `train._rounds` does them for one run."""
+  lead = jax.process_index() == 0   # several processes: process 0 writes the files
   for t in range(first, last + 1):
-    if stop.signum is not None:
+    if stop.signum is not None and jax.process_count() == 1:   # several: agreed after a round
       raise RunInterrupted(f"{stop.name} before round {t}: nothing new to save; continue "
                            f"with --resume", 128 + stop.signum)
     start = time.perf_counter()
@@ -804,8 +869,9 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
     flags = sweep.program.finite(state, metrics["train_loss"])
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - start
-    host = jax.device_get(metrics)
-    flags = np.asarray(jax.device_get(flags))
+    host = fetch(metrics)
+    flags = np.asarray(fetch(flags))
+    signalled = train._stop_requested(stop)   # several processes: agreed, after this round
     live = [o.status == "running" for o in outs]
     rows: List[Optional[Dict[str, Any]]] = [None] * len(outs)
     bads: List[List[str]] = [[] for _ in outs]
@@ -822,7 +888,7 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
                                                or t == o.config.rounds)
                   for e, o in enumerate(outs)]
     if any(wants_eval):
-      ev = jax.device_get(sweep.evaluate(state))
+      ev = fetch(sweep.evaluate(state))
       for e in range(len(outs)):
         if wants_eval[e]:
           rows[e]["test_loss"] = float(ev["loss"][e])
@@ -833,7 +899,8 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
       if not live[e]:
         continue
       cfg, row = o.config, rows[e]
-      o.writer.write(row)
+      if lead:
+        o.writer.write(row)
       if o.tb is not None:
         o.tb.write(row)
       o.row = row
@@ -846,17 +913,18 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
             f"checkpointing it, {kept}; lower --lr, or pass --allow_nonfinite to keep training")
         logging.warning("%s: %s", cfg.workdir, o.message)
         continue
-      if cfg.mask_every and t % cfg.mask_every == 0:
-        save_global_mask(os.path.join(cfg.workdir, "masks"), t, _slice(state.params, e))
       saved = (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last
-      if saved or stop.signum is not None:
-        if member_states is None:
-          member_states = jax.device_get(state)
+      masked = cfg.mask_every and t % cfg.mask_every == 0
+      if member_states is None and (saved or signalled or masked):
+        member_states = fetch(state)   # collective: every process takes part
+      if masked and lead:
+        save_global_mask(os.path.join(cfg.workdir, "masks"), t, _slice(member_states.params, e))
+      if saved or signalled:
         o.ckpt.save(t, Sweep.member_state(member_states, e), o.counters)
     shown = next((r for r in rows if r is not None), None)
     if shown is not None:
       progress.update(t, shown)
-    if stop.signum is not None and t < last:
+    if signalled and t < last:
       progress.close()
       for o in outs:
         if o.status == "running":

@@ -41,14 +41,14 @@ def test_summary_columns_from_rows():
   assert s["accuracy"] == 0.7 and s["last5"] == pytest.approx(0.6)   # evaluated rounds only
   assert s["density"] == 0.25
   assert s["cc_mparams"] == pytest.approx(100e-6) and s["mbit"] == pytest.approx(6.5)
-  assert s["regrowth"] == pytest.approx(2.0)          # mean over rounds
+  assert s["regrowth"] == pytest.approx(1.0)   # rounds 2..T: round 1 counts the zero-init biases
   assert s["iou"] == pytest.approx(0.85)              # rounds 2..T: round 1 has no predecessor
   assert (s["uplink_mb"], s["downlink_mb"]) == (4.0, 6.0)
   fs = report.table("fedsparsify", [{"title": "X", "summary": s},
                                     {"title": "Y", "error": "boom"}])
   assert "| X | 3 of 4 | 0.7000 | 0.6000 | 0.7500 |" in fs and "| Y | failed: boom |" in fs
   sf = report.table("sparsyfed", [{"title": "X", "summary": s}])
-  assert "| 2.0 | 0.2500 | 0.8500 | 4.0 | 6.0 |" in sf
+  assert "| 1.0 | 0.2500 | 0.8500 | 4.0 | 6.0 |" in sf
   with pytest.raises(ValueError, match="table kind='bogus' is not one of"):
     report.table("bogus", [])
 

@@ -211,16 +211,22 @@ def test_mesh_must_span_every_process(tmp_path):
   flags = [f"--{k}={v}" for k, v in dict(BASE, num_devices=1, rounds=1).items()
            if k != "progress"]
   cmd = [sys.executable, "experiments/run.py", *flags, f"--workdir={tmp_path / 'w'}"]
-  procs = launch.start(cmd, 2, 2, log_dir=str(tmp_path), env=_env(), cwd=ROOT)
+  _both_fail_with(cmd, 2, tmp_path,
+                  "error: num_devices=1 in a run of 2 processes must be one of [2, 4] "
+                  "(the same number of devices from every process; 4 = all of them)")
+
+
+def _both_fail_with(cmd, devices, log_dir, line):
+  """Both processes exit 2 printing exactly one error line, `line`."""
+  procs = launch.start(cmd, 2, devices, log_dir=str(log_dir), env=_env(), cwd=ROOT)
   try:   # each exits by itself (launch.wait would stop the second when the first fails)
     assert [p.wait(timeout=TIMEOUT) for p in procs] == [2, 2]
   finally:
     launch.stop(procs)
   for i in range(2):
-    errors = [ln for ln in open(tmp_path / f"process_{i}.log").read().splitlines()
+    errors = [ln for ln in open(os.path.join(log_dir, f"process_{i}.log")).read().splitlines()
               if ln.startswith("error:")]
-    assert errors == ["error: num_devices=1 in a run of 2 processes must be one of [2, 4] "
-                      "(the same number of devices from every process; 4 = all of them)"]
+    assert errors == [line]
 
 
 def test_bad_process_settings_are_one_line(tmp_path):
@@ -237,15 +243,51 @@ def test_bad_process_settings_are_one_line(tmp_path):
       coordinator_address="127.0.0.1:99", num_processes=2, process_id=1)
 
 
-def test_sweep_py_refuses_several_processes_in_one_line(tmp_path):
-  """sweep.py is one process: the process flags run.py defines are refused, not ignored."""
-  import subprocess
-  out = subprocess.run([sys.executable, "experiments/sweep.py", "--dataset=synthetic",
-                        "--sweep=sparsity=0.5,0.8", f"--workdir={tmp_path / 'w'}",
-                        "--coordinator_address=127.0.0.1:1", "--num_processes=2",
-                        "--process_id=0"], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=TIMEOUT)
-  assert out.returncode == 2
-  assert out.stderr.strip().splitlines()[-1].startswith(
-      "error: num_processes=2: sweep.py runs in one process")
-  assert not os.path.exists(tmp_path / "w")
+def test_sweep_py_on_two_processes_matches_one_process_and_resumes(tmp_path):
+  """sweep.py on 2 processes × 1 device: the 4 members are split over the 2 devices (one
+  SPMD program), process 0 writes every file; killed (SIGKILL, both) after some rounds and
+  resumed, the members' rows and final checkpoints equal the 1-process sweep's within float
+  tolerance (2 members per device instead of 4 on one: XLA may pick other kernels)."""
+  over = dict(BASE, num_devices=1, algorithm="fedsparsify_global", rounds=8,
+              checkpoint_every=1, tensorboard=False, plot_partition=False)
+  flags = [f"--{k}={v}" for k, v in over.items()
+           if k not in ("progress", "tensorboard", "plot_partition")]
+  flags += ["--noprogress", "--notensorboard", "--noplot_partition",
+            "--sweep=sparsity=0.5,0.8", "--seeds=2"]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  names = ["sparsity=0.5,seed_offset=0", "sparsity=0.5,seed_offset=1",
+           "sparsity=0.8,seed_offset=0", "sparsity=0.8,seed_offset=1"]
+  cmd = [sys.executable, "experiments/sweep.py", *flags, f"--workdir={two}"]
+  logs = str(tmp_path / "kill")
+  os.makedirs(logs)
+  procs = launch.start(cmd, 2, 1, log_dir=logs, env=_env(), cwd=ROOT)
+  try:
+    _wait_rows(procs, os.path.join(two, names[0]), 3, logs)
+  finally:
+    launch.stop(procs)   # SIGKILL to both process groups
+  assert 3 <= len(_rows(os.path.join(two, names[0]))) < 8
+  out = _launch(cmd + ["--resume"], 2, 1, str(tmp_path / "resume"))
+  assert "done: 4 members, 0 diverged" in out
+  _launch([sys.executable, "experiments/sweep.py", *flags, f"--workdir={one}"], 1, 1,
+          str(tmp_path / "one_log"))
+  with open(os.path.join(two, "sweep_summary.json")) as f:
+    summary = json.load(f)["members"]
+  assert [m["status"] for m in summary] == ["done"] * 4
+  assert [os.path.basename(m["workdir"]) for m in summary] == names
+  for name in names:
+    _close_rows(_rows(os.path.join(one, name)), _rows(os.path.join(two, name)), rtol=1e-6,
+                atol=1e-7)
+    _close_arrays(_final_arrays(os.path.join(one, name)), _final_arrays(os.path.join(two, name)),
+                  1e-6)
+  assert not any(f.startswith("metrics") for f in os.listdir(two))   # members' files only
+
+
+def test_sweep_py_members_must_split_over_the_devices(tmp_path):
+  """3 members on 2 devices: both processes stop with the same one line, exit 2."""
+  flags = [f"--{k}={v}" for k, v in dict(BASE, num_devices=1, rounds=1).items()
+           if k != "progress"] + ["--sweep=sparsity=0.5,0.7,0.8", "--algorithm=topk"]
+  cmd = [sys.executable, "experiments/sweep.py", *flags, f"--workdir={tmp_path / 'w'}"]
+  _both_fail_with(cmd, 1, tmp_path,
+                  "error: a chunk of 3 sweep members cannot be split over the 2 devices of 2 "
+                  "processes; accepted: members (or --sweep_chunk) a multiple of 2 in every "
+                  "group")
