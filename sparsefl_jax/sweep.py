@@ -675,7 +675,7 @@ def run_sweep(configs: Sequence[ExperimentConfig], *, chunk: int = 0,
       _run_group([configs[i] for i in group], group, chunk, max_rounds, stop, cache, results)
   finally:
     stop.restore()
-    if summary_dir and jax.process_index() == 0:
+    if summary_dir and distributed.is_lead():
       write_summary(summary_dir, [dict(results.get(i, {}), name=names[i]) for i in
                                   range(len(configs))], configs)
   return [dict(results[i], name=names[i]) for i in range(len(configs))]
@@ -766,7 +766,7 @@ def _restore(members: Sequence[Member], outs: Sequence[_Output]) -> List[ServerS
   """Each member's state to start from: all at one common round (the newest round every
   member can restore; 0 = fresh). Checkpoints past it are dropped (they are re-made, bit for
   bit the same training)."""
-  lead = jax.process_index() == 0
+  lead = distributed.is_lead()   # several processes: process 0 rewrites the files
   for m, o in zip(members, outs):
     cfg, latest = m.config, o.ckpt.latest_round()
     config_path = os.path.join(cfg.workdir, "config.json")
@@ -816,7 +816,7 @@ def _run_chunk(members: Sequence[Member], program: SweepProgram, examples: Examp
   try:
     states = _restore(members, outs)
     for m, o in zip(members, outs):
-      if jax.process_index() != 0:   # several processes: process 0 writes the files
+      if not distributed.is_lead():   # several processes: process 0 writes the files
         continue
       write_json_atomic(os.path.join(m.config.workdir, "config.json"), config_to_json(m.config))
       if m.config.plot_partition:
@@ -831,13 +831,13 @@ def _run_chunk(members: Sequence[Member], program: SweepProgram, examples: Examp
     rounds = members[0].config.rounds
     last = rounds if max_rounds is None else min(rounds, start + max_rounds)
     for o in outs:
-      o.tb = make_writer(o.config.workdir, o.config.tensorboard and jax.process_index() == 0,
+      o.tb = make_writer(o.config.workdir, o.config.tensorboard and distributed.is_lead(),
                          start + 1)
       if start >= rounds:
         o.status = "done"
     state = stack_states(states)
     progress = Progress(rounds, members[0].config.progress_every,
-                        enabled=members[0].config.progress and jax.process_index() == 0)
+                        enabled=members[0].config.progress and distributed.is_lead())
     try:
       _sweep_rounds(sweep, state, start + 1, last, outs, stop, progress)
     finally:
@@ -859,7 +859,7 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
                   outs: Sequence[_Output], stop: StopRequest, progress: Progress) -> None:
   """Rounds first..last of a chunk: one sweep step, then each member's row, guard, eval,
   masks and checkpoint exactly as `train._rounds` does them for one run."""
-  lead = jax.process_index() == 0   # several processes: process 0 writes the files
+  lead = distributed.is_lead()   # several processes: process 0 writes the files
   for t in range(first, last + 1):
     if stop.signum is not None and jax.process_count() == 1:   # several: agreed after a round
       raise RunInterrupted(f"{stop.name} before round {t}: nothing new to save; continue "
@@ -894,7 +894,7 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
           rows[e]["test_loss"] = float(ev["loss"][e])
           rows[e]["test_accuracy"] = float(ev["accuracy"][e])
           bads[e] = guard.bad_quantities(flags[e], rows[e])
-    member_states = None
+    member_states = mask_params = None   # host copies, fetched once per round when needed
     for e, o in enumerate(outs):
       if not live[e]:
         continue
@@ -914,11 +914,14 @@ def _sweep_rounds(sweep: Sweep, state: ServerState, first: int, last: int,
         logging.warning("%s: %s", cfg.workdir, o.message)
         continue
       saved = (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == last
-      masked = cfg.mask_every and t % cfg.mask_every == 0
-      if member_states is None and (saved or signalled or masked):
-        member_states = fetch(state)   # collective: every process takes part
-      if masked and lead:
-        save_global_mask(os.path.join(cfg.workdir, "masks"), t, _slice(member_states.params, e))
+      if member_states is None and (saved or signalled):
+        member_states = fetch(state)   # collective (several processes): all take part
+      if cfg.mask_every and t % cfg.mask_every == 0:
+        if mask_params is None:
+          mask_params = (member_states.params if member_states is not None
+                         else fetch(state.params))
+        if lead:
+          save_global_mask(os.path.join(cfg.workdir, "masks"), t, _slice(mask_params, e))
       if saved or signalled:
         o.ckpt.save(t, Sweep.member_state(member_states, e), o.counters)
     shown = next((r for r in rows if r is not None), None)

@@ -63,15 +63,21 @@ def machine() -> Dict[str, str]:
   return {"cpu": model, "jax": jax.__version__, "backend": jax.default_backend()}
 
 
+def comparable_rows(workdir: str) -> List[Dict[str, Any]]:
+  """A run's metrics.jsonl rows without `seconds` (wall-clock time: the only field that may
+  differ between two runs of the same configuration)."""
+  from sparsefl_jax.metrics import read_metrics
+  return [{k: v for k, v in r.items() if k != "seconds"}
+          for r in read_metrics(os.path.join(str(workdir), "metrics.jsonl"))]
+
+
 def run_one(name: str, workdir: str) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray]]:
   """Runs reference `name` in `workdir`; returns (metrics rows without seconds, flat params)."""
   from sparsefl_jax import train
   from sparsefl_jax.config import ExperimentConfig
-  from sparsefl_jax.metrics import read_metrics
   cfg = ExperimentConfig(**{**_BASE, **RUNS[name]}, workdir=workdir)
   train.run(cfg)
-  rows = [{k: v for k, v in r.items() if k != "seconds"}
-          for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+  rows = comparable_rows(workdir)
   params = _final_params(cfg)
   return rows, params
 

@@ -20,9 +20,10 @@ from sparsefl_jax import ExperimentConfig, train
 from sparsefl_jax.checkpoint import Checkpointer
 from sparsefl_jax.config import ConfigError
 from sparsefl_jax.guard import Diverged
-from sparsefl_jax.metrics import MetricsFileError, read_metrics
+from sparsefl_jax.metrics import MetricsFileError
 from sparsefl_jax.stopping import RunInterrupted
 from sparsefl_jax.workdir import WorkdirBusy, WorkdirLock
+from reference_runs import comparable_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="synthetic", model="linear", synthetic_shape="6,6,1", synthetic_classes=4,
@@ -32,9 +33,6 @@ TINY = dict(dataset="synthetic", model="linear", synthetic_shape="6,6,1", synthe
 TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items() if k != "progress"] + ["--noprogress"]
 
 
-def _rows(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"}
-          for r in read_metrics(os.path.join(str(workdir), "metrics.jsonl"))]
 
 
 _TARGETS = {}
@@ -53,7 +51,7 @@ def _final_state(cfg):
 
 def _assert_same_run(a, b):
   """Same metrics rows and bit-identical final checkpoints."""
-  assert _rows(a.workdir) == _rows(b.workdir)
+  assert comparable_rows(a.workdir) == comparable_rows(b.workdir)
   (sa, ra), (sb, rb) = _final_state(a), _final_state(b)
   assert ra == rb
   for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
@@ -188,7 +186,7 @@ def test_deleted_metrics_resumes_with_counters_from_the_checkpoint(tmp_path, ref
   cfg = _interrupted(tmp_path, "x")
   os.remove(os.path.join(cfg.workdir, "metrics.jsonl"))
   train.run(cfg.replace(resume=True))
-  got, want = _rows(cfg.workdir), _rows(reference.workdir)
+  got, want = comparable_rows(cfg.workdir), comparable_rows(reference.workdir)
   assert [r["round"] for r in got] == [5, 6]   # rows 1..4 are gone, the file is recreated
   assert got == want[4:]                       # cumulative bytes continue, not restart at 0
 

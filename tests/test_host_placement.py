@@ -18,7 +18,7 @@ from sparsefl_jax.config import ConfigError
 from sparsefl_jax.data import host_placement as hp
 from sparsefl_jax.federated import sharding
 from sparsefl_jax.federated.sampling import sample_clients
-from sparsefl_jax.metrics import read_metrics
+from reference_runs import comparable_rows
 
 TINY = dict(dataset="synthetic", model="mlp_small", synthetic_shape="6,6,1",
             synthetic_classes=4, synthetic_examples=12, synthetic_test=40, num_clients=7,
@@ -108,9 +108,6 @@ def test_shard_clients_one_device_fetches_everything():
   np.testing.assert_array_equal(a, np.arange(12).reshape(4, 3))
 
 
-def _rows(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"}
-          for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def _state_digests(workdir):
@@ -124,7 +121,7 @@ def _state_digests(workdir):
 
 
 def _same_runs(a, b):
-  assert _rows(a) == _rows(b)
+  assert comparable_rows(a) == comparable_rows(b)
   assert _state_digests(a) == _state_digests(b)   # every bit of the final server state
 
 

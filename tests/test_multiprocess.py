@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sparsefl_jax import launch
-from sparsefl_jax.metrics import read_metrics
+from reference_runs import comparable_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240   # seconds for one launch (a lost peer would otherwise wait 300 s in JAX)
@@ -64,9 +64,6 @@ def _launch(cmd, n, devices, log_dir, timeout=TIMEOUT):
   return logs
 
 
-def _rows(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"}
-          for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def _final_arrays(workdir):
@@ -124,12 +121,12 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_two_processes_match_one_process(runs, name):
   one, two = runs[name, 1], runs[name, 2]
-  _close_rows(_rows(one), _rows(two))
+  _close_rows(comparable_rows(one), comparable_rows(two))
   _close_arrays(_final_arrays(one), _final_arrays(two))
 
 
 def test_sparse_run_really_pruned_and_streamed_dummy(runs):
-  rows = _rows(runs["fedsparsify", 2])
+  rows = comparable_rows(runs["fedsparsify", 2])
   assert rows[-1]["global_density"] < 0.9          # the votes pruned
   assert all(len(r["clients"]) == 5 for r in rows)   # K = 5 on 4 devices: one dummy, dropped
 
@@ -137,7 +134,7 @@ def test_sparse_run_really_pruned_and_streamed_dummy(runs):
 def test_only_process_zero_writes(runs):
   two = runs["fedavg", 2]
   rounds = RUNS["fedavg"][0]["rounds"]
-  assert [r["round"] for r in _rows(two)] == list(range(1, rounds + 1))   # no double rows
+  assert [r["round"] for r in comparable_rows(two)] == list(range(1, rounds + 1))   # no double rows
   events = os.listdir(os.path.join(two, "tensorboard"))
   assert len(events) == 1, events
   assert os.path.exists(os.path.join(two, "label_distribution.png"))
@@ -182,7 +179,7 @@ def test_run_py_two_processes_signalled_killed_and_resumed(runs, tmp_path):
     launch.stop(procs)
   log0 = open(os.path.join(logs1, "process_0.log")).read()
   assert codes == [143, 143], (codes, log0[-2000:])
-  stopped = len(_rows(workdir))
+  stopped = len(comparable_rows(workdir))
   assert f"stopped after round {stopped} of 12" in log0
   assert _final_arrays(workdir)[0] == stopped   # the agreed round was checkpointed by both
   # 2. resume, then SIGKILL both after the round-6 checkpoint (row 7 follows it)
@@ -193,12 +190,12 @@ def test_run_py_two_processes_signalled_killed_and_resumed(runs, tmp_path):
     _wait_rows(procs, workdir, 7, logs2)
   finally:
     launch.stop(procs)   # SIGKILL to both process groups
-  done = len(_rows(workdir))
+  done = len(comparable_rows(workdir))
   assert 7 <= done < over["rounds"], f"killed after {done} rows"
   # 3. resume to the end
   logs = _launch(cmd + ["--resume"], 2, 2, str(tmp_path / "resume"))
   assert "done: 12 rounds" in logs
-  assert _rows(workdir) == _rows(runs["fedavg", 2])
+  assert comparable_rows(workdir) == comparable_rows(runs["fedavg", 2])
   resumed, whole = _final_arrays(workdir), _final_arrays(runs["fedavg", 2])
   assert resumed[0] == whole[0]
   for k in whole[1]:
@@ -265,7 +262,7 @@ def test_sweep_py_on_two_processes_matches_one_process_and_resumes(tmp_path):
     _wait_rows(procs, os.path.join(two, names[0]), 3, logs)
   finally:
     launch.stop(procs)   # SIGKILL to both process groups
-  assert 3 <= len(_rows(os.path.join(two, names[0]))) < 8
+  assert 3 <= len(comparable_rows(os.path.join(two, names[0]))) < 8
   out = _launch(cmd + ["--resume"], 2, 1, str(tmp_path / "resume"))
   assert "done: 4 members, 0 diverged" in out
   _launch([sys.executable, "experiments/sweep.py", *flags, f"--workdir={one}"], 1, 1,
@@ -275,8 +272,8 @@ def test_sweep_py_on_two_processes_matches_one_process_and_resumes(tmp_path):
   assert [m["status"] for m in summary] == ["done"] * 4
   assert [os.path.basename(m["workdir"]) for m in summary] == names
   for name in names:
-    _close_rows(_rows(os.path.join(one, name)), _rows(os.path.join(two, name)), rtol=1e-6,
-                atol=1e-7)
+    _close_rows(comparable_rows(os.path.join(one, name)),
+                comparable_rows(os.path.join(two, name)), rtol=1e-6, atol=1e-7)
     _close_arrays(_final_arrays(os.path.join(one, name)), _final_arrays(os.path.join(two, name)),
                   1e-6)
   assert not any(f.startswith("metrics") for f in os.listdir(two))   # members' files only

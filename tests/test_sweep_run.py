@@ -12,7 +12,8 @@ import numpy as np
 from sparsefl_jax import sweep, train
 from sparsefl_jax.checkpoint import Checkpointer
 from sparsefl_jax.config import ExperimentConfig
-from sparsefl_jax.metrics import read_metrics
+from sparsefl_jax.metrics import load_global_masks
+from reference_runs import comparable_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset=digits", "--model=mlp_small", "--num_clients=6", "--clients_per_round=3",
@@ -26,9 +27,6 @@ def _sweep(*args):
                          *FLAGS, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def _rows(workdir):
-  return [{k: v for k, v in r.items() if k != "seconds"}
-          for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def test_sweep_runs_resumes_and_matches_run_py(tmp_path):
@@ -54,7 +52,7 @@ def test_sweep_runs_resumes_and_matches_run_py(tmp_path):
       0.05, 1, 1, 1, 1, 4)
   ref = cfg.replace(workdir=str(tmp_path / "single"), resume=False)
   train.run(ref)
-  got, want = _rows(member), _rows(ref.workdir)
+  got, want = comparable_rows(member), comparable_rows(ref.workdir)
   assert [r["round"] for r in got] == [1, 2, 3, 4]
   # A chunk of 3 members is not bitwise on this CPU (XLA:CPU picks other dot kernels for a
   # batch of 3; measured: train_loss and params within 2e-7 relative after 4 rounds), so
@@ -85,11 +83,32 @@ def test_library_resume_of_members_at_different_rounds(tmp_path):
   configs = [base.replace(seed=s, workdir=str(tmp_path / f"m{s}")) for s in range(2)]
   sweep.run_sweep(configs, max_rounds=1)
   sweep.run_sweep([configs[0].replace(resume=True)], max_rounds=1)   # m0 at 2, m1 at 1
-  before = _rows(configs[0].workdir)
+  before = comparable_rows(configs[0].workdir)
   out = sweep.run_sweep([c.replace(resume=True) for c in configs])
   assert [r["status"] for r in out] == ["done", "done"]
-  assert _rows(configs[0].workdir) == [r for r in before] + _rows(configs[0].workdir)[2:]
-  assert [r["round"] for r in _rows(configs[1].workdir)] == [1, 2, 3]
+  after = comparable_rows(configs[0].workdir)
+  assert after == before + after[2:]
+  assert [r["round"] for r in comparable_rows(configs[1].workdir)] == [1, 2, 3]
+
+
+def test_member_masks_equal_run_py_masks(tmp_path):
+  """--mask_every in a sweep: each member's saved global masks are its single run's."""
+  base = ExperimentConfig(dataset="digits", model="mlp_small", num_clients=4,
+                          clients_per_round=2, rounds=2, batch_size=32, progress=False,
+                          tensorboard=False, eval_every=0, algorithm="fedsparsify_global",
+                          mask_every=1)
+  configs = [base.replace(sparsity=s, seed=i, workdir=str(tmp_path / f"m{i}"))
+             for i, s in enumerate((0.5, 0.8))]
+  sweep.run_sweep(configs)
+  single = configs[1].replace(workdir=str(tmp_path / "single"))
+  train.run(single)
+  got = load_global_masks(os.path.join(configs[1].workdir, "masks"))
+  want = load_global_masks(os.path.join(single.workdir, "masks"))
+  assert sorted(got) == sorted(want) == [1, 2]
+  for r in want:
+    assert sorted(got[r]) == sorted(want[r])
+    for k in want[r]:
+      np.testing.assert_array_equal(got[r][k], want[r][k], err_msg=f"round {r} {k}")
 
 
 def test_bad_sweep_axis_is_one_line(tmp_path):

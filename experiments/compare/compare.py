@@ -127,7 +127,7 @@ def main(argv) -> None:
   runs_root = os.path.join(FLAGS.runs_dir, cset.name)
   # The command that produces the runs (a --report_only rebuild reads the same runs).
   command = "python experiments/compare/compare.py " + " ".join(
-      a for a in sys.argv[1:] if a not in ("--report_only", "--report_only=true"))
+      a for a in sys.argv[1:] if a.split("=")[0] != "--report_only")
   members = [m for m in cset.members if m.label in labels]
   plan = []   # (group label, member, workdir, argv)
   for group, group_flags in cset.groups:
@@ -199,7 +199,7 @@ def write_report(cset: sets.ComparisonSet, plan, rounds: int, out: str, command:
         drawn = os.path.join(out, f"{prefix}iou_{m.label}.png")
         heat = report.iou_heatmap(dirs[0], drawn, title=f"{m.title}: IoU of global masks")
         if heat or os.path.exists(drawn):   # a rebuild without the masks keeps the drawn map
-          s["iou_heatmap"] = os.path.basename(heat or drawn)
+          s["iou_heatmap"] = os.path.basename(drawn)
     lines += [f"## {group}" if group else "## Results", "", report.table(cset.table, entries)]
     for path in report.curves(runs, out, prefix, cset.title.split(" (")[0] +
                               (f", {group}" if group else "")):

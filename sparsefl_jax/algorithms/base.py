@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax.federated.aggregation import sum_dtype, weighted_mean
+from sparsefl_jax.sparsity import masks
 from sparsefl_jax.types import AlgoState, ClientState, Params, PRNGKey, PyTree, Scalar
 
 
@@ -65,6 +66,15 @@ class Upload(NamedTuple):
   mask: Optional[PyTree] = None
   mask_sent: Optional[jax.Array] = None
   extras: Optional[PyTree] = None
+
+
+def nnz_server_metrics(self, old_params: Params, new_params: Params, algo_state: AlgoState
+                       ) -> Dict[str, Any]:
+  """A ready-made `server_metrics` for sparse methods: the global model's non-zeros.
+
+  Assign it in the class body (`server_metrics = nnz_server_metrics`)."""
+  del self, old_params, algo_state
+  return {"nnz_params": masks.nnz(new_params)}
 
 
 INIT_ONLY = "init_only"   # dataclass field metadata key, see `init_only_field`

@@ -44,19 +44,19 @@ inactive positions regrow, so every layer ends with exactly k_l weights.
 """
 import dataclasses
 import math
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from sparsefl_jax.algorithms.base import Upload
+from sparsefl_jax.algorithms.base import Upload, nnz_server_metrics
 from sparsefl_jax.algorithms.hyper import Hyper
 from sparsefl_jax.algorithms.masked import MaskedTraining
 from sparsefl_jax.sparsity import distributions, topk
 from sparsefl_jax.sparsity import masks as masks_lib
 from sparsefl_jax.traceable import check_range
 from sparsefl_jax.tree_paths import is_kernel, path_str
-from sparsefl_jax.types import AlgoState, Params, PyTree, Scalar
+from sparsefl_jax.types import Params, PyTree, Scalar
 
 
 class FedDSTState(NamedTuple):
@@ -217,10 +217,7 @@ class FedDST(MaskedTraining):
     mask = self.cut_back(params, _kernel_mask(params))
     return masks_lib.apply_masks(params, mask), FedDSTState(mask)
 
-  def server_metrics(self, old_params: Params, new_params: Params, algo_state: FedDSTState
-                     ) -> Dict[str, Any]:
-    del old_params, algo_state
-    return {"nnz_params": masks_lib.nnz(new_params)}
+  server_metrics = nnz_server_metrics
 
   # ---- client ------------------------------------------------------------------------------
   def readjusted_mask(self, params: Params, grads: Params, mask: PyTree, t: Scalar) -> PyTree:

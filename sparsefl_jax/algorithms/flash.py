@@ -102,12 +102,12 @@ again after training, a no-op then). Their code thresholds every parameter array
 included; here only the pruned layers.
 """
 import dataclasses
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from sparsefl_jax.algorithms.base import Phase, Upload
+from sparsefl_jax.algorithms.base import Phase, Upload, nnz_server_metrics
 from sparsefl_jax.algorithms.hyper import Hyper
 from sparsefl_jax.algorithms.masked import MaskedTraining
 from sparsefl_jax.config import ConfigError
@@ -534,10 +534,7 @@ class FLASH(MaskedTraining):
     mask = self.full_mask(params, [w != 0 for w in self.pruned_leaves(params)])
     return params, algo_state._replace(mask=mask)
 
-  def server_metrics(self, old_params: Params, new_params: Params, algo_state: FlashState
-                     ) -> Dict[str, Any]:
-    del old_params, algo_state
-    return {"nnz_params": masks_lib.nnz(new_params)}
+  server_metrics = nnz_server_metrics
 
   # ---- client -------------------------------------------------------------------------------
   def client_init(self, global_params: Params, algo_state: FlashState, t: Scalar,

@@ -30,11 +30,11 @@ both phases (all True before t_p), so a checkpoint is the same tree in either.
 The schedule depends on --rounds (t_p = T − F), so --rounds cannot change on resume.
 """
 import dataclasses
-from typing import Any, Dict, NamedTuple
+from typing import NamedTuple
 
 import jax
 
-from sparsefl_jax.algorithms.base import Algorithm
+from sparsefl_jax.algorithms.base import Algorithm, nnz_server_metrics
 from sparsefl_jax.algorithms.hyper import Hyper
 from sparsefl_jax.algorithms.masked import MaskedTraining
 from sparsefl_jax.config import ConfigError
@@ -119,10 +119,7 @@ class OneShot(MaskedTraining):
     # The round counter is unbatched: a real cond, so dense rounds before t_p skip the sort.
     return jax.lax.cond(t == self.prune_round, prune, lambda _: (params, algo_state), None)
 
-  def server_metrics(self, old_params: Params, new_params: Params, algo_state: OneShotState
-                     ) -> Dict[str, Any]:
-    del old_params, algo_state
-    return {"nnz_params": masks_lib.nnz(new_params)}
+  server_metrics = nnz_server_metrics
 
   # ---- client: FedAvg before t_p, masked training after ------------------------------------
   def client_init(self, global_params: Params, algo_state: AlgoState, t: Scalar,

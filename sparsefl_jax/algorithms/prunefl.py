@@ -116,7 +116,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from sparsefl_jax.algorithms.base import Upload
+from sparsefl_jax.algorithms.base import Upload, nnz_server_metrics
 from sparsefl_jax.algorithms.hyper import Hyper
 from sparsefl_jax.algorithms.masked import MaskedTraining
 from sparsefl_jax.sparsity import masks as masks_lib
@@ -433,10 +433,7 @@ class PruneFL(MaskedTraining):
     del t
     return masks_lib.apply_masks(params, algo_state.mask), algo_state
 
-  def server_metrics(self, old_params: Params, new_params: Params, algo_state: PruneFLState
-                     ) -> Dict[str, Any]:
-    del old_params, algo_state
-    return {"nnz_params": masks_lib.nnz(new_params)}
+  server_metrics = nnz_server_metrics
 
   # ---- client ------------------------------------------------------------------------------
   def _mask(self, client_state: PyTree) -> PyTree:

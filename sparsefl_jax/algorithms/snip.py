@@ -13,11 +13,12 @@ scale/offset and BatchNorm statistics are never pruned; `--sparsity` is the frac
 kernel entries removed.
 """
 import dataclasses
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from sparsefl_jax.algorithms.base import nnz_server_metrics
 from sparsefl_jax.algorithms.masked import MaskedTraining
 from sparsefl_jax.sparsity import masks as masks_lib
 from sparsefl_jax.sparsity import topk
@@ -87,9 +88,6 @@ class SNIP(MaskedTraining):
     del t
     return masks_lib.apply_masks(params, algo_state.mask), algo_state
 
-  def server_metrics(self, old_params: Params, new_params: Params, algo_state: SnipState
-                     ) -> Dict[str, Any]:
-    del old_params, algo_state
-    return {"nnz_params": masks_lib.nnz(new_params)}
+  server_metrics = nnz_server_metrics
 
   metric_fields = {"nnz_params": None}

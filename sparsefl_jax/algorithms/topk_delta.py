@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsefl_jax import traceable
-from sparsefl_jax.algorithms.base import Algorithm, Upload
+from sparsefl_jax.algorithms.base import Algorithm, Upload, nnz_server_metrics
 from sparsefl_jax.algorithms.hyper import Hyper
 from sparsefl_jax.sparsity import masks as masks_lib
 from sparsefl_jax.sparsity import topk
@@ -97,7 +97,4 @@ class TopKDelta(Algorithm):
     del global_params, client_state
     return {"upload_density": masks_lib.density(upload.values)}
 
-  def server_metrics(self, old_params: Params, new_params: Params, algo_state
-                     ) -> Dict[str, Scalar]:
-    del old_params, algo_state
-    return {"nnz_params": masks_lib.nnz(new_params)}
+  server_metrics = nnz_server_metrics
